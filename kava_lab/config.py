@@ -1,0 +1,217 @@
+"""Typed run configuration, the five methods as settings of one objective, and named presets.
+
+A :class:`RunConfig` is saved as ``config.json`` in every run folder and can be rebuilt from it, so a run
+folder says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .backbone import TinyConfig
+from .encoding import EncodingConfig
+
+METHODS = ("cot", "nocot", "codi", "pccot", "kava")
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    mode: str = "jacobi"  # "jacobi" (PCCoT / KaVa), "sequential" (CODI), "none" (cot, nocot)
+    M: int = 24  # latent slots
+    T: int = 3  # Jacobi iterations (ignored in sequential mode)
+    projection: bool = True  # Linear-GELU-Linear-LayerNorm on last-layer hidden states; False: identity
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    method: str = "rkv"  # rkv, attention, redundancy, crop, stride, random, knorm
+    lam: float = 0.1  # S = lam * importance + (1 - lam) * redundancy
+    order: str = "time"  # slot j <- j-th kept entry in time order ("score": by score)
+    seed: int = 0  # for "random"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kv_loss: str = "smooth_l1"  # smooth_l1, l1, mse
+    layer_std: bool = True  # divide each layer's KV residual by the std of that layer's teacher target
+    a1: float = 10.0  # CODI hidden-state distillation weight
+    a2: float = 1.0  # KV distillation weight
+    teacher_weight: float = 1.0  # weight of teacher CE (the teacher is the same model)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    enabled: bool = False  # False: full fine-tuning (tiny preset)
+    r: int = 128
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "synthetic"
+    train_split: str | None = "train"
+    train_limit: int | None = 4000
+    eval: str = "synthetic"
+    eval_split: str | None = "test"
+    eval_limit: int | None = 300
+    trace: str = "nl"  # "equation" (GSM8k-AUG style) or "nl" (GSM8k-AUG-NL style)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.03
+    steps: int = 600  # optimizer steps
+    batch_size: int = 32  # per device, per micro-step
+    effective_batch: int = 32  # batch_size * processes * accumulation
+    grad_clip: float = 2.0
+    bf16: bool = True  # autocast on CUDA only
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str = "tiny"
+    method: str = "kava"
+    backbone: str = "tiny"
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    encoding: EncodingConfig = field(default_factory=EncodingConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage0_steps: int = 0  # >0: first train the from-scratch backbone with CoT (cached, shared by methods)
+    log_every: int = 10
+    save_every: int = 200
+    max_new_tokens: int = 96  # generation budget at evaluation (CoT needs the most)
+
+    @property
+    def uses_latents(self) -> bool:
+        return self.latent.mode != "none"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        return _build(cls, data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _build(cls, data: dict):
+    """Rebuild nested frozen dataclasses from a dict, rejecting unknown fields by name."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}; expected {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if name in known else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[name] = _build(type(default), value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def with_method(cfg: RunConfig, method: str) -> RunConfig:
+    """The kava-method.md §4 table: every method is a setting of one objective."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    latent, loss = cfg.latent, cfg.loss
+    if method in ("cot", "nocot"):
+        latent = replace(latent, mode="none")
+        loss = replace(loss, a1=0.0, a2=0.0)
+    elif method == "codi":
+        latent = replace(latent, mode="sequential", M=6)
+        loss = replace(loss, a1=cfg.loss.a1 if cfg.loss.a1 else 10.0, a2=0.0)
+    elif method == "pccot":
+        latent = replace(latent, mode="jacobi")
+        loss = replace(loss, a1=1.0, a2=0.0)
+    else:  # kava
+        latent = replace(latent, mode="jacobi")
+    return replace(cfg, method=method, latent=latent, loss=loss)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+def _tiny() -> RunConfig:
+    return RunConfig(
+        preset="tiny", backbone="tiny", stage0_steps=1200,
+        data=DataConfig(train="synthetic", train_limit=20000, eval="synthetic", eval_limit=300, trace="nl"),
+        latent=LatentConfig(M=12, T=3),
+        loss=LossConfig(a1=10.0, a2=1.0),
+        optim=OptimConfig(lr=1e-3, steps=500, batch_size=32, effective_batch=32, warmup_ratio=0.03),
+        max_new_tokens=96,
+    )
+
+
+def _smollm2() -> RunConfig:
+    return RunConfig(
+        preset="smollm2-135m", backbone="smollm2-135m",
+        data=DataConfig(train="gsm8k-aug", train_split="middletrain", train_limit=None, eval="gsm8k",
+                        eval_split="test", eval_limit=None, trace="equation"),
+        latent=LatentConfig(M=24, T=3),
+        lora=LoraSettings(enabled=True, r=128, alpha=32, dropout=0.1),
+        optim=OptimConfig(lr=8e-4, steps=3000, batch_size=32, effective_batch=128),
+        loss=LossConfig(kv_loss="smooth_l1", a1=10.0, a2=1.0),
+        max_new_tokens=256,
+    )
+
+
+def _paper(backbone: str, trace: str, lr: float, epochs_steps: int, kv_loss: str, a1: float, a2: float) -> RunConfig:
+    data = DataConfig(train="whynlp/gsm8k-aug" if trace == "equation" else "whynlp/gsm8k-aug-nl",
+                      train_split="train", train_limit=None, eval="gsm8k", eval_split="test", eval_limit=None,
+                      trace=trace)
+    return RunConfig(
+        preset="paper", backbone=backbone, data=data, latent=LatentConfig(M=24, T=3),
+        lora=LoraSettings(enabled=True, r=128, alpha=32, dropout=0.1),
+        loss=LossConfig(kv_loss=kv_loss, layer_std=True, a1=a1, a2=a2),
+        optim=OptimConfig(lr=lr, steps=epochs_steps, batch_size=16, effective_batch=128, grad_clip=2.0),
+        max_new_tokens=256,
+    )
+
+
+# 385,620 training examples / 128 per step = 3,013 steps per epoch.
+_EPOCH = 3013
+PRESETS = {
+    "tiny": _tiny,
+    "smollm2-135m": _smollm2,
+    "llama1b-aug": lambda: _paper("meta-llama/Llama-3.2-1B-Instruct", "equation", 8e-4, 10 * _EPOCH, "smooth_l1", 10, 1),
+    "llama1b-aug-nl": lambda: _paper("meta-llama/Llama-3.2-1B-Instruct", "nl", 8e-4, 10 * _EPOCH, "mse", 10, 1),
+    "qwen0.5b-aug": lambda: _paper("Qwen/Qwen2.5-0.5B-Instruct", "equation", 5e-4, 10 * _EPOCH, "mse", 10, 1),
+    "qwen0.5b-aug-nl": lambda: _paper("Qwen/Qwen2.5-0.5B-Instruct", "nl", 8e-4, 10 * _EPOCH, "mse", 10, 1),
+    "llama3b-aug": lambda: _paper("meta-llama/Llama-3.2-3B-Instruct", "equation", 2e-4, 5 * _EPOCH, "smooth_l1", 20, 2),
+    "llama3b-aug-nl": lambda: _paper("meta-llama/Llama-3.2-3B-Instruct", "nl", 2e-4, 5 * _EPOCH, "mse", 20, 2),
+}
+
+
+def get_preset(name: str, method: str = "kava", trace: str | None = None, seed: int = 0,
+               steps: int | None = None) -> RunConfig:
+    """A named preset with the method's settings applied; ``trace`` and ``steps`` override when given."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    cfg = replace(PRESETS[name](), preset=name, seed=seed)
+    if trace is not None:
+        if trace not in ("equation", "nl"):
+            raise ValueError(f"trace must be 'equation' or 'nl', found {trace!r}")
+        cfg = replace(cfg, data=replace(cfg.data, trace=trace))
+    if steps is not None:
+        cfg = replace(cfg, optim=replace(cfg.optim, steps=steps))
+    return with_method(cfg, method)

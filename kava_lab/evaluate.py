@@ -1,0 +1,109 @@
+"""Evaluation: accuracy, forward passes, wall-clock and KV-cache bytes per question, batched.
+
+Latent methods (codi, pccot, kava) run the latent loop then decode the answer greedily; ``cot`` decodes
+its own chain of thought then the answer; ``nocot`` decodes the answer straight from the question. The
+prediction is the last number after the answer prompt (or in the whole output if the prompt is missing),
+commas removed, compared numerically with a tolerance. Forward passes are counted, not estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .data import Example, answers_match, last_number
+from .encoding import Collator, encode, without_answer
+from .student import Student, greedy_decode
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token occupies in the KV cache: 2 (K and V) x layers x KV heads x head dim x dtype size."""
+    c = model.config
+    layers = c.num_hidden_layers
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    return 2 * layers * heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def read_prediction(text: str, answer_prompt: str) -> float | None:
+    tail = text.split(answer_prompt)[-1] if answer_prompt in text else text
+    return last_number(tail)
+
+
+@torch.no_grad()
+def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example], batch_size: int = 64,
+             predictions_path: str | Path | None = None) -> dict:
+    """Evaluate ``student`` (trained as ``cfg.method``) on ``examples``; returns the summary dict."""
+    model, tok = student.model, backbone.tokenizer
+    was_training = student.training
+    student.eval()
+    device = next(model.parameters()).device
+    collate = Collator.for_backbone(backbone)
+    per_token = kv_bytes_per_token(model)
+    rows = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        if cfg.uses_latents:
+            items = [without_answer(encode(e, tok, cfg.encoding, with_cot=False)) for e in chunk]
+            batch = collate(items, "student", M=cfg.latent.M).to(device)
+            gen = student.generate(batch, max_new_tokens=cfg.max_new_tokens)
+            prefix_text = cfg.encoding.answer_prompt
+        else:  # cot / nocot: the model writes everything after the question itself
+            items = [replace(encode(e, tok, cfg.encoding, with_cot=False), prompt=(), answer=()) for e in chunk]
+            batch = collate(items, "teacher").to(device)
+            t0 = time.perf_counter()
+            gen = greedy_decode(model, None, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                backbone.eos_id, cfg.max_new_tokens)
+            gen.seconds = time.perf_counter() - t0
+            gen.cache_tokens = batch.attention_mask.sum(1) + gen.lengths
+            prefix_text = ""
+        for i, e in enumerate(chunk):
+            text = tok.decode(gen.tokens[i], skip_special_tokens=True)
+            pred = read_prediction(prefix_text + text, cfg.encoding.answer_prompt)
+            rows.append({"id": e.id, "question": e.question, "gold": e.answer_value, "pred": pred,
+                         "correct": answers_match(pred, e.answer_value), "output": text,
+                         "forward_passes": int(gen.forward_passes[i]),
+                         "kv_bytes": int(gen.cache_tokens[i]) * per_token,
+                         "latency_ms": 1000 * gen.seconds / len(chunk)})
+    if was_training:
+        student.train()
+    n = len(rows)
+    summary = {
+        "method": cfg.method, "trace": cfg.data.trace, "n": n,
+        "accuracy": sum(r["correct"] for r in rows) / max(n, 1),
+        "forward_passes": sum(r["forward_passes"] for r in rows) / max(n, 1),
+        "latency_ms": sum(r["latency_ms"] for r in rows) / max(n, 1),
+        "kv_bytes": sum(r["kv_bytes"] for r in rows) / max(n, 1),
+        "device": str(device), "batch_size": batch_size,
+    }
+    if predictions_path is not None:
+        with open(predictions_path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return summary
+
+
+def evaluate_run(run_dir: str | Path, eval_source: str | None = None, split: str | None = None,
+                 limit: int | None = None, batch_size: int = 64, device=None, write: bool = True) -> dict:
+    """Load a run folder and evaluate it on its configured eval set (or ``eval_source``)."""
+    from .loaders import load_examples
+    from .train import load_run
+
+    run_dir = Path(run_dir)
+    student, backbone, cfg = load_run(run_dir, device=device)
+    source = eval_source or cfg.data.eval
+    split = split if eval_source else cfg.data.eval_split
+    examples = load_examples(source, split=split, trace=cfg.data.trace,
+                             limit=limit if limit is not None else cfg.data.eval_limit)
+    summary = evaluate(student, backbone, cfg, examples, batch_size=batch_size,
+                       predictions_path=run_dir / "predictions.jsonl" if write else None)
+    summary.update({"run": str(run_dir), "eval_source": source, "eval_split": split})
+    if write:
+        (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,86 @@
+"""The KaVa objective (kava-method.md §4): KV distillation, CODI distillation, and their combination.
+
+    L = teacher_weight * L_teacher + L_student + a1 * L_CODI + a2 * L_KV
+
+Teacher-side tensors are always detached here, whatever the caller passes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import LossConfig
+
+_DISTANCES = {
+    "smooth_l1": lambda r: F.smooth_l1_loss(r, torch.zeros_like(r), reduction="none"),
+    "l1": lambda r: r.abs(),
+    "mse": lambda r: r.pow(2),
+}
+
+
+def _distance(kind: str):
+    if kind not in _DISTANCES:
+        raise ValueError(f"unknown KV loss {kind!r}; expected one of {sorted(_DISTANCES)}")
+    return _DISTANCES[kind]
+
+
+def _layer_std(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Std of ``target`` ``[B, L, H, M, d]`` per layer over valid entries (mask ``[B, L, H, M]``) -> ``[L]``."""
+    m = mask[..., None].to(target.dtype).expand_as(target)
+    count = m.sum(dim=(0, 2, 3, 4)).clamp(min=1)
+    mean = (target * m).sum(dim=(0, 2, 3, 4)) / count
+    var = (((target - mean[None, :, None, None, None]) ** 2) * m).sum(dim=(0, 2, 3, 4)) / count
+    return var.sqrt().clamp(min=1e-6)
+
+
+def kv_loss(student_k: torch.Tensor, student_v: torch.Tensor, teacher_k: torch.Tensor, teacher_v: torch.Tensor,
+            slot_mask: torch.Tensor, kind: str = "smooth_l1", layer_std: bool = True) -> torch.Tensor:
+    """``(D(K~, K_s) + D(V~, V_s)) / 2`` over layers, KV heads, valid slots and dims, mean-reduced.
+
+    student_k/v, teacher_k/v: ``[B, L, H_kv, M, d]``; slot_mask: ``[B, L, H_kv, M]`` (or ``[B, M]``).
+    With ``layer_std`` each layer's residual is divided by the std of that layer's teacher target.
+    """
+    if slot_mask.dim() == 2:
+        B, L, H, M, _ = teacher_k.shape
+        slot_mask = slot_mask[:, None, None, :].expand(B, L, H, M)
+    mask = slot_mask.bool()
+    n = mask.sum()
+    if n == 0:
+        return student_k.sum() * 0.0
+    dist = _distance(kind)
+    total = student_k.new_zeros(())
+    for student, teacher in ((student_k, teacher_k), (student_v, teacher_v)):
+        teacher = teacher.detach().to(student.dtype)
+        residual = student - teacher
+        if layer_std:
+            residual = residual / _layer_std(teacher, mask)[None, :, None, None, None]
+        per_entry = dist(residual).mean(-1)  # [B, L, H, M]
+        total = total + per_entry[mask].sum() / n
+    return total / 2
+
+
+def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between anchor hidden states ``[B, L, D]``, each layer divided by the teacher's std."""
+    teacher = teacher_hidden.detach().to(student_hidden.dtype)
+    std = teacher.std(dim=(0, 2)).clamp(min=1e-6)  # [L]
+    residual = (student_hidden - teacher) / std[None, :, None]
+    return F.smooth_l1_loss(residual, torch.zeros_like(residual))
+
+
+def kava_objective(cfg: LossConfig, teacher_ce: torch.Tensor, student_ce: torch.Tensor | None = None,
+                   codi: torch.Tensor | None = None, kv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Combine the terms; returns every term separately (``loss`` is the total) for logging."""
+    terms = {"teacher_ce": teacher_ce}
+    total = cfg.teacher_weight * teacher_ce
+    if student_ce is not None:
+        terms["student_ce"] = student_ce
+        total = total + student_ce
+    if codi is not None:
+        terms["codi"] = codi
+        total = total + cfg.a1 * codi
+    if kv is not None:
+        terms["kv"] = kv
+        total = total + cfg.a2 * kv
+    terms["loss"] = total
+    return terms

@@ -1,0 +1,215 @@
+"""Student mode: reason silently over M continuous latent tokens, then answer (kava-method.md §2).
+
+Jacobi mode (PCCoT / KaVa)::
+
+    prefill [question, <bot>, <latent> x M]           -> h          (1 pass)
+    z_1 = P(h(<bot>)),  z_i = P(h(<latent>_{i-1}))                    (shifted by one)
+    for t in 1..T: run z on the cache of [question, <bot>] -> o;  z_1 stays, z_{i+1} = P(o_i)
+    the M latent K/V of the last pass are the student's latent cache
+    answer: [<eot>, prompt, answer, eos] on top of that cache
+
+Sequential mode (CODI): prefill ``[question, <bot>]``, then one latent per pass, ``z_{i+1} = P(h_i)``,
+reusing the growing cache (M passes). Gradients flow through every pass.
+
+All tensors follow the cache layout ``[batch, kv_heads, tokens, head_dim]``; per-layer K/V are stacked
+into ``[B, L, H_kv, M, d]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LatentConfig
+from .encoding import Batch
+
+
+class Projection(nn.Module):
+    """``Linear(d,d) -> GELU -> Linear(d,d) -> LayerNorm(d)`` on last-layer hidden states (or identity)."""
+
+    def __init__(self, d: int, enabled: bool = True):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d)) if enabled else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, n, D] -> [B, n, D]
+        if self.net is None:
+            return h
+        return self.net(h.to(self.net[0].weight.dtype)).to(h.dtype)
+
+
+def fork_cache(cache):
+    """A cache that shares ``cache``'s tensors but whose updates leave ``cache`` untouched."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+def stack_kv(cache, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of columns ``[start, stop)`` of every layer: two ``[B, L, H_kv, n, d]`` tensors."""
+    keys = torch.stack([layer.keys[:, :, start:stop] for layer in cache.layers], 1)
+    values = torch.stack([layer.values[:, :, start:stop] for layer in cache.layers], 1)
+    return keys, values
+
+
+@dataclass
+class LatentState:
+    """What the latent loop leaves behind."""
+
+    cache: object  # cache holding [question, <bot>, M latents]
+    latents: torch.Tensor  # [B, M, D] inputs of the last pass
+    forward_passes: int
+    # per iteration (prefill = 0, then each Jacobi pass / sequential step): latent inputs and last-layer outputs
+    trajectory: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class StudentOutput:
+    ce: torch.Tensor  # [] answer CE (prompt + answer + eos)
+    latent_keys: torch.Tensor  # [B, L, H_kv, M, d]
+    latent_values: torch.Tensor  # [B, L, H_kv, M, d]
+    anchor_hidden: torch.Tensor  # [B, L, D] at the last answer-prompt token
+    forward_passes: int
+    latents: torch.Tensor  # [B, M, D]
+    trajectory: list[dict] = field(default_factory=list)
+
+
+class Student(nn.Module):
+    """The backbone (possibly LoRA-wrapped) plus the latent projection."""
+
+    def __init__(self, model: nn.Module, cfg: LatentConfig, eos_id: int, eot_id: int):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.eos_id, self.eot_id = eos_id, eot_id
+        d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+        self.projection = Projection(d, cfg.projection)
+
+    # ----------------------------------------------------------------------------------- latent loop
+    def _run(self, cache, embeds, attention_mask, position_ids):
+        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, output_hidden_states=True)
+        return out.past_key_values, out.hidden_states[-1]
+
+    def latent_loop(self, batch: Batch, record: bool = False) -> LatentState:
+        """Run the latent reasoning of a student batch (prefix + M latent columns), no answer yet."""
+        P, M, cfg = batch.P, batch.M, self.cfg
+        ids, am, pos = batch.input_ids, batch.attention_mask, batch.position_ids
+        trajectory: list[dict] = []
+        if cfg.mode == "jacobi":
+            out = self.model(input_ids=ids[:, :P + M], attention_mask=am[:, :P + M], position_ids=pos[:, :P + M],
+                             use_cache=True, output_hidden_states=True)
+            h = out.hidden_states[-1]  # [B, P+M, D]
+            cache, passes = out.past_key_values, 1
+            if record:
+                trajectory.append({"inputs": None, "outputs": h[:, P:P + M].detach()})
+            if cfg.T == 0:  # pause tokens: the placeholders' own cache is the latent cache
+                return LatentState(cache, self.model.get_input_embeddings()(ids[:, P:P + M]), passes, trajectory)
+            z = self.projection(h[:, P - 1:P + M - 1])  # [B, M, D] shifted: z_1 from <bot>
+            cache.crop(-M)  # keep [question, <bot>]
+            for t in range(cfg.T):
+                pass_cache, o = self._run(fork_cache(cache), z, am[:, :P + M], pos[:, P:P + M])
+                passes += 1
+                if record:
+                    trajectory.append({"inputs": z.detach(), "outputs": o.detach()})
+                if t < cfg.T - 1:
+                    z = torch.cat([z[:, :1], self.projection(o[:, :-1])], 1)
+            return LatentState(pass_cache, z, passes, trajectory)
+        if cfg.mode == "sequential":
+            out = self.model(input_ids=ids[:, :P], attention_mask=am[:, :P], position_ids=pos[:, :P],
+                             use_cache=True, output_hidden_states=True)
+            cache, passes = out.past_key_values, 1
+            z = self.projection(out.hidden_states[-1][:, P - 1:P])  # [B, 1, D] from <bot>
+            inputs = []
+            for i in range(M):
+                inputs.append(z)
+                cache, o = self._run(cache, z, am[:, :P + i + 1], pos[:, P + i:P + i + 1])
+                passes += 1
+                if record:
+                    trajectory.append({"inputs": z.detach(), "outputs": o.detach(), "slot": i})
+                z = self.projection(o)
+            return LatentState(cache, torch.cat(inputs, 1), passes, trajectory)
+        raise ValueError(f"latent mode {cfg.mode!r} has no latent loop; expected 'jacobi' or 'sequential'")
+
+    # ------------------------------------------------------------------------------------- training
+    def forward(self, batch: Batch, record: bool = False) -> StudentOutput:
+        """Answer CE, the final latent K/V (with gradients) and anchor hidden states for a student batch."""
+        P, M = batch.P, batch.M
+        state = self.latent_loop(batch, record=record)
+        keys, values = stack_kv(state.cache, P, P + M)
+        out = self.model(input_ids=batch.input_ids[:, P + M:], attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids[:, P + M:], past_key_values=state.cache,
+                         labels=batch.labels[:, P + M:], use_cache=True, output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states[1:], 1)  # [B, L, S', D]
+        anchor = (batch.anchor - (P + M))[:, None, None, None].expand(-1, hidden.shape[1], 1, hidden.shape[-1])
+        return StudentOutput(ce=out.loss, latent_keys=keys, latent_values=values,
+                             anchor_hidden=hidden.gather(2, anchor)[:, :, 0], forward_passes=state.forward_passes + 1,
+                             latents=state.latents, trajectory=state.trajectory)
+
+    # ------------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 16) -> "Generation":
+        """Latents, then ``[<eot>, prompt]`` in one pass, then greedy answer decoding. ``batch`` is a
+        student batch whose examples carry no answer (see :func:`kava_lab.encoding.without_answer`)."""
+        start = time.perf_counter()
+        P, M = batch.P, batch.M
+        state = self.latent_loop(batch)
+        lengths = batch.attention_mask.sum(1)  # real tokens so far (question, bot, M, eot, prompt)
+        gen = greedy_decode(self.model, state.cache, batch.input_ids[:, P + M:], batch.attention_mask,
+                            batch.position_ids[:, P + M:], self.eos_id, max_new_tokens)
+        gen.forward_passes = gen.forward_passes + state.forward_passes  # [B]
+        gen.cache_tokens = lengths + gen.lengths
+        gen.seconds = time.perf_counter() - start
+        return gen
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per example (eos excluded)
+    lengths: torch.Tensor  # [B] generated tokens including eos
+    forward_passes: torch.Tensor  # [B]
+    cache_tokens: torch.Tensor | None = None  # [B] tokens held in the KV cache at the end
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def greedy_decode(model, cache, suffix_ids, attention_mask, suffix_positions, eos_id: int,
+                  max_new_tokens: int) -> Generation:
+    """Greedy decoding in a batch. ``suffix_ids`` ``[B, s]`` is fed in one pass on top of ``cache`` (may be
+    None); ``attention_mask`` ``[B, cache + s]`` covers cache and suffix, right-padded rows allowed.
+    Each example stops at its eos; forward passes are counted per example."""
+    B = suffix_ids.shape[0]
+    device = suffix_ids.device
+    # Rows may be padded on either side: take the logits at each row's last real suffix token.
+    suffix_mask = attention_mask[:, -suffix_ids.shape[1]:]
+    last = (suffix_mask * torch.arange(1, suffix_mask.shape[1] + 1, device=device)).argmax(1)  # [B]
+    out = model(input_ids=suffix_ids, attention_mask=attention_mask, position_ids=suffix_positions,
+                past_key_values=cache, use_cache=True)
+    logits = out.logits[torch.arange(B, device=device), last]  # [B, V]
+    cache = out.past_key_values
+    next_pos = suffix_positions[torch.arange(B, device=device), last] + 1  # [B]
+    mask = attention_mask
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    passes = torch.ones(B, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # [B]
+        for i in (~done).nonzero().flatten().tolist():
+            if nxt[i].item() != eos_id:
+                tokens[i].append(nxt[i].item())
+        lengths += (~done).long()
+        done = done | (nxt == eos_id)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        # Padded suffix rows: the new token goes after the pads; pads stay masked out.
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+        passes += (~done).long()
+    return Generation(tokens=tokens, lengths=lengths, forward_passes=passes)

@@ -1,0 +1,397 @@
+"""The training loop, readable top to bottom: one objective, five methods, on ``accelerate``.
+
+One CPU or GPU by default; ``accelerate launch -m kava_lab.cli train ...`` runs several processes with no
+code change. bf16 autocast on CUDA, gradient accumulation to an effective batch, AdamW with warmup and
+cosine decay, gradient clipping, LoRA through peft for pretrained backbones (special-token rows
+trainable), full fine-tuning for the tiny preset.
+
+A run folder holds ``config.json``, ``versions.json``, ``metrics.jsonl`` (every loss term, lr, tokens/s,
+step time) and ``checkpoint/`` (trainable weights, optimizer, scheduler, RNG states, step), written
+atomically. ``train(cfg, out, resume=True)`` continues a run exactly. A non-finite loss stops the run
+naming the step and the term, keeping the last good checkpoint; any other crash also leaves one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbone import Backbone, cache_dir, load_backbone
+from .compress import compress_extraction, get_compressor
+from .config import RunConfig
+from .encoding import Collator, Encoded, encode
+from .losses import codi_loss, kava_objective, kv_loss
+from .student import Student
+from .teacher import extract_teacher
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a loss term is NaN or inf; the run folder keeps the last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------ the objective
+
+def make_compressor(cfg: RunConfig):
+    c = cfg.compress
+    kwargs = {"rkv": {"lam": c.lam}, "random": {"seed": c.seed}}.get(c.method, {})
+    return get_compressor(c.method, **kwargs)
+
+
+class KaVaObjective(nn.Module):
+    """One training step's forward: teacher CE (+ signals), compression, student, all loss terms."""
+
+    def __init__(self, student: Student, cfg: RunConfig):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+        self.compressor = make_compressor(cfg) if cfg.loss.a2 > 0 else None
+
+    def forward(self, teacher_batch, student_batch=None) -> dict[str, torch.Tensor]:
+        cfg, model = self.cfg, self.student.model
+        if not cfg.uses_latents:  # cot / nocot: plain next-token CE in teacher mode
+            out = model(input_ids=teacher_batch.input_ids, attention_mask=teacher_batch.attention_mask,
+                        position_ids=teacher_batch.position_ids, labels=teacher_batch.labels)
+            return kava_objective(cfg.loss, out.loss)
+        teacher = extract_teacher(model, teacher_batch, with_grad=True)
+        student = self.student(student_batch)
+        codi = codi_loss(student.anchor_hidden, teacher.anchor_hidden) if cfg.loss.a1 > 0 else None
+        kv = None
+        if self.compressor is not None:
+            with torch.no_grad():
+                target = compress_extraction(teacher, self.compressor, student_batch.M, order=cfg.compress.order)
+            kv = kv_loss(student.latent_keys, student.latent_values, target.keys, target.values,
+                         target.slot_mask, kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std)
+        return kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv)
+
+
+# --------------------------------------------------------------------------------------- building a run
+
+def apply_lora(model, cfg: RunConfig, backbone: Backbone):
+    """Wrap with peft LoRA; the special-token embedding rows stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str)
+                      else list(cfg.lora.target_modules),
+                      trainable_token_indices=sorted({backbone.bot_id, backbone.eot_id, backbone.latent_id,
+                                                      backbone.pad_id}),
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def build_student(cfg: RunConfig, device=None) -> tuple[Student, Backbone]:
+    """Backbone (stage-0 checkpoint for from-scratch presets), LoRA if configured, projection."""
+    spec = str(ensure_stage0(cfg)) if cfg.stage0_steps > 0 else cfg.backbone
+    backbone = load_backbone(spec, tiny=cfg.tiny)
+    model = backbone.model
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg, backbone)
+    model.train()
+    latent = cfg.latent if cfg.uses_latents else replace(cfg.latent, projection=False)
+    student = Student(model, latent, eos_id=backbone.eos_id, eot_id=backbone.eot_id)
+    if device is not None:
+        student.to(device)
+    return student, backbone
+
+
+def load_train_examples(cfg: RunConfig):
+    from .loaders import load_examples
+
+    traces = ("equation", "nl") if cfg.data.trace == "both" else (cfg.data.trace,)
+    out = []
+    for trace in traces:
+        out += load_examples(cfg.data.train, split=cfg.data.train_split, trace=trace, limit=cfg.data.train_limit)
+    return out
+
+
+def encode_all(examples, tokenizer, cfg: RunConfig) -> list[Encoded]:
+    with_cot = cfg.method != "nocot"
+    return [encode(e, tokenizer, cfg.encoding, with_cot=with_cot) for e in examples]
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "datasets", "kava_lab"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    versions["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    return versions
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, step: int) -> None:
+    """Write ``checkpoint/`` atomically: a temp folder, then two renames (old kept until the new is in place)."""
+    from safetensors.torch import save_file
+
+    final, tmp, old = run_dir / "checkpoint", run_dir / f"checkpoint.tmp-{os.getpid()}", run_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+               tmp / "state.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_path(run_dir: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
+        if (run_dir / name / "step.json").exists():
+            return run_dir / name
+    return None
+
+
+def load_trainable(module: nn.Module, ckpt: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+    unknown = [n for n in saved if n not in params]
+    if missing or unknown:
+        raise ValueError(f"{ckpt}: checkpoint does not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value.to(params[name].dtype))
+
+
+# ------------------------------------------------------------------------------------------------ stage 0
+
+def stage0_config(cfg: RunConfig) -> RunConfig:
+    """CoT training of the from-scratch backbone on both trace styles: the shared starting point."""
+    from .config import with_method
+
+    base = replace(cfg, stage0_steps=0, seed=0, data=replace(cfg.data, trace="both"),
+                   optim=replace(cfg.optim, steps=cfg.stage0_steps), compress=type(cfg.compress)(),
+                   loss=type(cfg.loss)(), latent=type(cfg.latent)())
+    return with_method(replace(base, method="cot"), "cot")
+
+
+def stage0_dir(cfg: RunConfig) -> Path:
+    s0 = stage0_config(cfg)
+    key = {k: v for k, v in s0.to_dict().items() if k not in ("method", "preset", "log_every", "save_every",
+                                                               "max_new_tokens")}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return cache_dir() / f"stage0-{digest}"
+
+
+def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
+    """Train (or reuse, or resume) the cached stage-0 backbone; returns the saved model folder."""
+    folder = stage0_dir(cfg)
+    model_dir = folder / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
+        if (model_dir / "config.json").exists():
+            return model_dir
+        s0 = stage0_config(cfg)
+        log(f"stage 0: training the {cfg.backbone} backbone with CoT for {s0.optim.steps} steps -> {folder}")
+        student, backbone = build_student(s0)
+        train(s0, folder / "run", resume=True, student_backbone=(student, backbone), log=log)
+        tmp = folder / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.model.save_pretrained(tmp)
+        backbone.tokenizer.save_pretrained(tmp)
+        tmp.rename(model_dir)
+    return model_dir
+
+
+# -------------------------------------------------------------------------------------------- the loop
+
+def _batch_indices(n: int, seed: int, global_micro: int, batch_size: int, world: int, rank: int) -> list[int]:
+    """Indices of one process's micro-batch: a deterministic stream of per-epoch permutations."""
+    start = (global_micro * world + rank) * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.extend(perm[offset:offset + batch_size - len(out)])
+    return out
+
+
+def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
+          callback: Callable[[dict], None] | None = None, student_backbone=None,
+          log: Callable[[str], None] = print) -> Path:
+    """Train ``cfg`` into ``out_dir``; returns the run folder. ``callback(metrics)`` sees every logged step."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from transformers import get_cosine_schedule_with_warmup
+
+    run_dir = Path(out_dir)
+    ckpt = checkpoint_path(run_dir) if run_dir.exists() else None
+    if ckpt is not None and not resume:
+        raise FileExistsError(f"{run_dir} already holds a checkpoint; pass resume=True (--resume) to continue it "
+                              "or choose another folder")
+    if ckpt is not None:
+        saved = RunConfig.load(run_dir / "config.json")
+        if saved != cfg:
+            raise ValueError(f"{run_dir}/config.json differs from the requested config; resume with the saved one "
+                             "(RunConfig.load) or choose another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    use_cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        mixed_precision="bf16" if (use_cuda and cfg.optim.bf16) else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.optim.batch_size * world
+    if cfg.optim.effective_batch % per_step:
+        raise ValueError(f"effective_batch={cfg.optim.effective_batch} is not a multiple of batch_size x processes "
+                         f"= {per_step}")
+    accum = cfg.optim.effective_batch // per_step
+
+    if accelerator.is_main_process:
+        cfg.save(run_dir / "config.json")
+        (run_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    student, backbone = student_backbone or build_student(cfg)
+    examples = load_train_examples(cfg)
+    items = encode_all(examples, backbone.tokenizer, cfg)
+    collate = Collator.for_backbone(backbone)
+    objective = KaVaObjective(student, cfg)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * cfg.optim.steps),
+                                                cfg.optim.steps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    start = 0
+    if ckpt is not None:
+        load_trainable(accelerator.unwrap_model(objective).student, ckpt)
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = json.loads((ckpt / "step.json").read_text())["step"]
+        if accelerator.is_main_process:  # drop metrics logged after the checkpoint: they will be redone
+            kept = [r for r in read_metrics(run_dir) if r["step"] <= start]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        log(f"resuming {run_dir} at step {start}")
+    log(f"training {cfg.method} ({cfg.preset}, trace={cfg.data.trace}, seed={cfg.seed}) for {cfg.optim.steps} "
+        f"steps, {len(items)} examples, batch {cfg.optim.effective_batch} = {cfg.optim.batch_size} x {world} x {accum}")
+
+    M = cfg.latent.M if cfg.uses_latents else 0
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    completed, last_saved = start, start
+    unwrapped = accelerator.unwrap_model(objective)
+    try:
+        for step in range(start, cfg.optim.steps):
+            t0 = time.perf_counter()
+            objective.train()
+            sums: dict[str, float] = {}
+            tokens = 0
+            for micro in range(accum):
+                idx = _batch_indices(len(items), cfg.seed, step * accum + micro, cfg.optim.batch_size, world, rank)
+                chunk = [items[i] for i in idx]
+                tb = collate(chunk, "teacher").to(accelerator.device)
+                sb = collate(chunk, "student", M=M).to(accelerator.device) if cfg.uses_latents else None
+                tokens += int(tb.attention_mask.sum()) + (int(sb.attention_mask.sum()) if sb is not None else 0)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(objective)
+                with sync:
+                    terms = objective(tb, sb)
+                    for name, value in terms.items():
+                        if not torch.isfinite(value.detach()).all():
+                            raise NonFiniteLoss(f"step {step + 1}: loss term '{name}' is {value.item()}")
+                    accelerator.backward(terms["loss"] / accum)
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.item() / accum
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            completed = step + 1
+            dt = time.perf_counter() - t0
+            record = {"step": completed, **sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens * world / dt, "step_time_s": dt}
+            if torch.cuda.is_available():
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if completed % cfg.log_every == 0 or completed == cfg.optim.steps:
+                if callback is not None:
+                    callback(record)
+                else:
+                    log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if completed % cfg.save_every == 0 or completed == cfg.optim.steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(run_dir, unwrapped.student, optimizer, scheduler, completed)
+                last_saved = completed
+    except BaseException as exc:
+        # The model and optimizer hold the state after `completed` steps (the failing step never updated
+        # them): save it so the run can be resumed, unless that step is already saved.
+        if accelerator.is_main_process and completed > last_saved:
+            save_checkpoint(run_dir, unwrapped.student, optimizer, scheduler, completed)
+        if isinstance(exc, NonFiniteLoss):
+            raise NonFiniteLoss(f"{exc}; stopped. The last good checkpoint (step {completed}) is in "
+                                f"{run_dir / 'checkpoint'}") from None
+        raise
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    return run_dir
+
+
+def load_run(run_dir: str | Path, device=None) -> tuple[Student, Backbone, RunConfig]:
+    """Rebuild a trained student from its run folder (config + checkpoint) for evaluation or probing."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: no config.json")
+    cfg = RunConfig.load(run_dir / "config.json")
+    ckpt = checkpoint_path(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+    student, backbone = build_student(cfg, device=device)
+    load_trainable(student, ckpt)
+    student.eval()
+    return student, backbone, cfg
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
