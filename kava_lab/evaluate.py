@@ -90,7 +90,8 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
 
 
 def evaluate_run(run_dir: str | Path, eval_source: str | None = None, split: str | None = None,
-                 limit: int | None = None, batch_size: int = 64, device=None, write: bool = True) -> dict:
+                 limit: int | None = None, batch_size: int = 64, device=None, write: bool = True,
+                 trace: str | None = None) -> dict:
     """Load a run folder and evaluate it on its configured eval set (or ``eval_source``)."""
     from .loaders import load_examples
     from .train import load_run
@@ -99,7 +100,8 @@ def evaluate_run(run_dir: str | Path, eval_source: str | None = None, split: str
     student, backbone, cfg = load_run(run_dir, device=device)
     source = eval_source or cfg.data.eval
     split = split if eval_source else cfg.data.eval_split
-    examples = load_examples(source, split=split, trace=cfg.data.trace,
+    trace = trace or (cfg.data.trace if cfg.data.trace != "both" else "equation")
+    examples = load_examples(source, split=split, trace=trace,
                              limit=limit if limit is not None else cfg.data.eval_limit)
     summary = evaluate(student, backbone, cfg, examples, batch_size=batch_size,
                        predictions_path=run_dir / "predictions.jsonl" if write else None)
