@@ -138,8 +138,9 @@ def build_tiny(folder: str | Path, tiny: TinyConfig = TinyConfig(), family: str 
                             n_positions=tiny.max_positions, n_inner=tiny.intermediate_size, **common)
     else:
         raise ValueError(f"unknown tiny family {family!r}; expected one of llama, qwen2, gpt2")
-    torch.manual_seed(tiny.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(tiny.seed)
+        model = AutoModelForCausalLM.from_config(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -103,6 +103,7 @@ def build_student(cfg: RunConfig, device=None) -> tuple[Student, Backbone]:
         model = apply_lora(model, cfg, backbone)
     model.train()
     latent = cfg.latent if cfg.uses_latents else replace(cfg.latent, projection=False)
+    torch.manual_seed(cfg.seed)  # the projection's init depends on the seed alone, not on what ran before
     student = Student(model, latent, eos_id=backbone.eos_id, eot_id=backbone.eot_id)
     if device is not None:
         student.to(device)

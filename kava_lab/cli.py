@@ -1,0 +1,132 @@
+"""``kava-lab``: the notebooks' jobs without Jupyter.
+
+    kava-lab train --preset tiny --method kava --trace nl --seed 0 [--steps N] --out runs/kava-nl
+    kava-lab eval runs/kava-nl [--json]
+    kava-lab lab [--out runs/lab] [--small]     # the main job: every notebook through papermill
+    kava-lab presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _train(args) -> int:
+    from .config import METHODS, RunConfig, get_preset
+    from .evaluate import evaluate_run
+    from .train import train
+
+    out = Path(args.out)
+    if args.resume and (out / "config.json").exists():
+        cfg = RunConfig.load(out / "config.json")
+    else:
+        if args.method not in METHODS:
+            raise SystemExit(f"--method must be one of {METHODS}, found {args.method!r}")
+        cfg = get_preset(args.preset, args.method, trace=args.trace, seed=args.seed, steps=args.steps)
+    train(cfg, out, resume=args.resume)
+    if args.eval:
+        print(json.dumps(evaluate_run(out), indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    summary = evaluate_run(args.run, eval_source=args.source, split=args.split, limit=args.limit,
+                           batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key in ("method", "trace", "eval_source", "n", "accuracy", "forward_passes", "latency_ms", "kv_bytes"):
+            print(f"{key:>15}: {summary[key]}")
+    return 0
+
+
+def _presets(args) -> int:
+    from .config import PRESETS
+
+    for name in PRESETS:
+        cfg = PRESETS[name]()
+        print(f"{name:>16}  backbone={cfg.backbone}  train={cfg.data.train}  steps={cfg.optim.steps}  "
+              f"lr={cfg.optim.lr}  M={cfg.latent.M} T={cfg.latent.T}")
+    return 0
+
+
+def run_notebooks(out: Path, small: bool = False, names: list[str] | None = None) -> list[Path]:
+    """Execute the notebooks in order with papermill; notebook 04 probes the run notebook 03 trained."""
+    import papermill
+
+    out.mkdir(parents=True, exist_ok=True)
+    if small:
+        os.environ["KAVA_LAB_SMALL"] = "1"
+    done = []
+    for nb in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")):
+        if names and not any(nb.name.startswith(n) for n in names):
+            continue
+        params = {"out_dir": str(out / nb.stem)}
+        if nb.name.startswith("04") and (out / "03_distill" / "run" / "config.json").exists():
+            params["run"] = str(out / "03_distill" / "run")
+        target = out / nb.name
+        t0 = time.perf_counter()
+        print(f"running {nb.name} -> {target}", flush=True)
+        papermill.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
+                                   progress_bar=False)
+        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+        done.append(target)
+    return done
+
+
+def _lab(args) -> int:
+    out = Path(args.out or f"runs/lab-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_notebooks(out, small=args.small, names=args.only)
+    print(f"executed notebooks, run folders and figures are in {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kava-lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one method on a preset into a run folder")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--method", default="kava")
+    p.add_argument("--trace", choices=("equation", "nl"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--eval", action="store_true", help="evaluate on the preset's eval set when done")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run folder")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--source", default=None, help="eval set (default: the run's); e.g. gsm8k, svamp, a path")
+    p.add_argument("--split", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("lab", help="the main job: run every notebook with papermill into a run folder")
+    p.add_argument("--out", default=None)
+    p.add_argument("--small", action="store_true", help="small parameters (what the tests use)")
+    p.add_argument("--only", nargs="*", help="notebook prefixes, e.g. 01 03")
+    p.set_defaults(fn=_lab)
+
+    p = sub.add_parser("presets", help="list the named presets")
+    p.set_defaults(fn=_presets)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

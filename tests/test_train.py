@@ -1,0 +1,111 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from kava_lab.backbone import TinyConfig
+from kava_lab.config import DataConfig, OptimConfig, RunConfig, get_preset
+from kava_lab.evaluate import evaluate_run
+from kava_lab.train import KaVaObjective, NonFiniteLoss, checkpoint_path, load_run, read_metrics, train
+
+SMALL = TinyConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+def small_cfg(method="kava", steps=6, **kw) -> RunConfig:
+    cfg = get_preset("tiny", method, trace="nl", steps=steps)
+    return dataclasses.replace(
+        cfg, tiny=SMALL, stage0_steps=0, log_every=1, save_every=3,
+        latent=dataclasses.replace(cfg.latent, M=4 if method != "codi" else 3, T=2),
+        data=dataclasses.replace(cfg.data, train_limit=64, eval_limit=8),
+        optim=dataclasses.replace(cfg.optim, batch_size=8, effective_batch=16), max_new_tokens=12, **kw)
+
+
+def _losses(run):
+    return [(r["step"], r["loss"]) for r in read_metrics(run)]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    cfg = small_cfg()
+    full = train(cfg, tmp_path / "full", log=lambda s: None)
+
+    def crash(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", callback=crash, log=lambda s: None)
+    ckpt = checkpoint_path(tmp_path / "cut")
+    assert json.loads((ckpt / "step.json").read_text())["step"] == 4  # the crash left a resumable checkpoint
+    with pytest.raises(FileExistsError):
+        train(cfg, tmp_path / "cut", log=lambda s: None)
+    train(cfg, tmp_path / "cut", resume=True, log=lambda s: None)
+    a, b = _losses(full), _losses(tmp_path / "cut")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
+    run_files = {p.name for p in (tmp_path / "full").iterdir()}
+    assert {"config.json", "versions.json", "metrics.jsonl", "checkpoint"} <= run_files
+    rec = read_metrics(full)[-1]
+    assert {"teacher_ce", "student_ce", "codi", "kv", "lr", "tokens_per_s", "step_time_s"} <= set(rec)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = small_cfg(steps=3)
+    train(cfg, tmp_path / "r", log=lambda s: None)
+    with pytest.raises(ValueError, match="differs"):
+        train(dataclasses.replace(cfg, seed=5), tmp_path / "r", resume=True, log=lambda s: None)
+
+
+def test_nan_loss_stops_with_step_and_term_and_keeps_good_checkpoint(tmp_path, monkeypatch):
+    cfg = small_cfg(steps=6)
+    original = KaVaObjective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, tb, sb=None):
+        terms = original(self, tb, sb)
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 3, first micro-batch (2 micro-batches per step)
+            terms["kv"] = terms["kv"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(KaVaObjective, "forward", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"step 3: loss term 'kv'"):
+        train(cfg, tmp_path / "nan", log=lambda s: None)
+    ckpt = checkpoint_path(tmp_path / "nan")
+    assert json.loads((ckpt / "step.json").read_text())["step"] == 2
+    monkeypatch.setattr(KaVaObjective, "forward", original)
+    student, _, _ = load_run(tmp_path / "nan")
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+@pytest.mark.parametrize("method", ["cot", "nocot", "codi", "pccot", "kava"])
+def test_every_method_trains_and_evaluates(tmp_path, method):
+    cfg = small_cfg(method, steps=2)
+    run = train(cfg, tmp_path / method, log=lambda s: None)
+    summary = evaluate_run(run, limit=4)
+    assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1
+    assert summary["kv_bytes"] > 0 and summary["latency_ms"] > 0
+    if method in ("pccot", "kava"):  # 1 prefill + T passes + answer tokens
+        assert summary["forward_passes"] >= 1 + cfg.latent.T + 1
+    if method == "codi":
+        assert summary["forward_passes"] >= 1 + cfg.latent.M + 1
+    assert (run / "eval.json").exists() and (run / "predictions.jsonl").exists()
+
+
+def test_config_round_trips(tmp_path):
+    cfg = small_cfg()
+    cfg.save(tmp_path / "c.json")
+    assert RunConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        RunConfig.from_dict({"nonsense": 1})
+
+
+def test_methods_are_settings_of_one_objective():
+    kava, pccot, codi = (get_preset("tiny", m) for m in ("kava", "pccot", "codi"))
+    assert kava.latent.mode == pccot.latent.mode == "jacobi" and codi.latent.mode == "sequential"
+    assert kava.loss.a2 > 0 and pccot.loss.a2 == 0 and codi.loss.a2 == 0
+    assert pccot.loss.a1 == 1 and codi.latent.M == 6
+    assert get_preset("tiny", "cot").latent.mode == "none"
+    with pytest.raises(ValueError, match="unknown method"):
+        get_preset("tiny", "magic")
