@@ -157,7 +157,7 @@ def _tiny() -> RunConfig:
         data=DataConfig(train="synthetic", train_limit=20000, eval="synthetic", eval_limit=300, trace="nl"),
         latent=LatentConfig(M=12, T=3),
         loss=LossConfig(a1=10.0, a2=1.0),
-        optim=OptimConfig(lr=1e-3, steps=500, batch_size=32, effective_batch=32, warmup_ratio=0.03),
+        optim=OptimConfig(lr=1e-3, steps=400, batch_size=32, effective_batch=32, warmup_ratio=0.03),
         max_new_tokens=96,
     )
 
