@@ -40,7 +40,9 @@ class TinyConfig:
     seed: int = 0
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        from .synthetic import VERSION  # the tokenizer's vocabulary comes from the synthetic generator
+
+        return hashlib.sha1(json.dumps({**asdict(self), "synthetic": VERSION}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclass

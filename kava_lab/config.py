@@ -89,6 +89,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage0_steps: int = 0  # >0: first train the from-scratch backbone with CoT (cached, shared by methods)
+    stage0_lr: float | None = None  # stage-0 learning rate (None: optim.lr)
     log_every: int = 10
     save_every: int = 200
     max_new_tokens: int = 96  # generation budget at evaluation (CoT needs the most)
@@ -153,7 +154,7 @@ def with_method(cfg: RunConfig, method: str) -> RunConfig:
 
 def _tiny() -> RunConfig:
     return RunConfig(
-        preset="tiny", backbone="tiny", stage0_steps=1200,
+        preset="tiny", backbone="tiny", stage0_steps=1200, stage0_lr=2e-3,
         data=DataConfig(train="synthetic", train_limit=20000, eval="synthetic", eval_limit=300, trace="nl"),
         latent=LatentConfig(M=12, T=3),
         loss=LossConfig(a1=10.0, a2=1.0),

@@ -30,7 +30,7 @@ _Q = {
     "-": ["{Pro} gives {b} {item} to a friend.", "{Pro} loses {b} {item}.", "{Pro} uses {b} of the {item}."],
     "*": ["Then the number of {item} grows to {b} times as many.", "{Pro} ends up with {b} times as many {item}."],
     "/": ["{Pro} splits the {item} into {b} equal groups and keeps one group.",
-          "{Pro} shares the {item} equally with {b_minus_1} friends and keeps one share."],
+          "{Pro} shares the {item} equally with {friends} and keeps one share."],
 }
 _NL = {
     "+": ["After buying {b} more, {pro} has {eq} {item}.", "With {b} more {item}, {pro} has {eq}."],
@@ -45,23 +45,30 @@ def _is_test(question: str) -> bool:
     return int(hashlib.sha1(question.encode()).hexdigest(), 16) % 5 == 0
 
 
+# Bumped whenever the generator's output changes, so cached artefacts built from it are rebuilt.
+VERSION = 2
+MAX_VALUE = 120  # every intermediate result stays in [1, MAX_VALUE]: a 1M-parameter model can learn it
+
+
 def _next_step(rng: random.Random, v: int) -> tuple[str, int, int]:
-    """Pick an operation and operand that keep every intermediate an integer in [1, 999]."""
-    options = ["+"]
+    """Pick an operation and operand that keep every intermediate an integer in [1, MAX_VALUE]."""
+    options = []
+    if v + 2 <= MAX_VALUE:
+        options.append("+")
     if v > 2:
         options.append("-")
-    if v <= 99:
+    if 2 * v <= MAX_VALUE:
         options.append("*")
-    divisors = [b for b in range(2, 10) if v % b == 0 and v // b >= 1]
+    divisors = [b for b in range(2, 6) if v % b == 0]
     if divisors:
         options.append("/")
     op = rng.choice(options)
     if op == "+":
-        b = rng.randint(2, 60)
+        b = rng.randint(2, min(30, MAX_VALUE - v))
     elif op == "-":
         b = rng.randint(1, v - 1)
     elif op == "*":
-        b = rng.randint(2, max(2, min(9, 999 // v)))
+        b = rng.randint(2, max(2, min(5, MAX_VALUE // v)))
     else:
         b = rng.choice(divisors)
     r = {"+": v + b, "-": v - b, "*": v * b, "/": v // b}[op]
@@ -71,13 +78,13 @@ def _next_step(rng: random.Random, v: int) -> tuple[str, int, int]:
 def _problem(rng: random.Random, n_steps: int) -> tuple[str, list[str], list[str], list[int]]:
     name, pro, pos = rng.choice(NAMES)
     item = rng.choice(ITEMS)
-    v = rng.randint(2, 60)
+    v = rng.randint(2, 40)
     question = [f"{name} has {v} {item}."]
     eq_steps, nl_steps, values = [], [], []
     for _ in range(n_steps):
         op, b, r = _next_step(rng, v)
         fields = dict(Name=name, name=name, Pro=pro.capitalize(), pro=pro, pos="him" if pro == "he" else "her",
-                      item=item, b=b, b_minus_1=b - 1, eq=f"{v} {_SYMBOL_WORD[op]} {b} = {r}")
+                      item=item, b=b, friends=f"{b - 1} friend" + ("s" if b > 2 else ""), eq=f"{v} {_SYMBOL_WORD[op]} {b} = {r}")
         question.append(rng.choice(_Q[op]).format(**fields))
         nl_steps.append(rng.choice(_NL[op]).format(**fields))
         eq_steps.append(f"<<{v}{op}{b}={r}>>")

@@ -204,8 +204,8 @@ def stage0_config(cfg: RunConfig) -> RunConfig:
     """CoT training of the from-scratch backbone on both trace styles: the shared starting point."""
     from .config import with_method
 
-    base = replace(cfg, stage0_steps=0, seed=0, data=replace(cfg.data, trace="both"),
-                   optim=replace(cfg.optim, steps=cfg.stage0_steps), compress=type(cfg.compress)(),
+    base = replace(cfg, stage0_steps=0, stage0_lr=None, seed=0, data=replace(cfg.data, trace="both"),
+                   optim=replace(cfg.optim, steps=cfg.stage0_steps, lr=cfg.stage0_lr or cfg.optim.lr), compress=type(cfg.compress)(),
                    loss=type(cfg.loss)(), latent=type(cfg.latent)())
     return with_method(replace(base, method="cot"), "cot")
 
@@ -214,6 +214,10 @@ def stage0_dir(cfg: RunConfig) -> Path:
     s0 = stage0_config(cfg)
     key = {k: v for k, v in s0.to_dict().items() if k not in ("method", "preset", "log_every", "save_every",
                                                                "max_new_tokens")}
+    if s0.data.train == "synthetic":
+        from .synthetic import VERSION
+
+        key["synthetic_version"] = VERSION
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return cache_dir() / f"stage0-{digest}"
 
