@@ -413,3 +413,20 @@ def retained_by_layer(summary: Mapping[str, Mapping[str, Any]], title: str | Non
     fig.update_layout(xaxis_title="layer", yaxis=dict(title="attention mass retained", tickformat=".0%"),
                       title=title or "Retained answer→CoT attention per layer", height=360)
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# training (notebook 03)
+
+LOSS_TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv")
+
+
+def loss_curves(history: Sequence[Mapping[str, Any]], title: str = "loss terms") -> go.Figure:
+    """One line per logged loss term against the optimizer step (log scale), from ``metrics.jsonl`` records."""
+    fig = go.Figure(layout=dict(title=title, xaxis_title="step", yaxis_title="value", yaxis_type="log",
+                                height=380, legend=dict(orientation="h")))
+    steps = [r["step"] for r in history]
+    for term in LOSS_TERMS:
+        if history and term in history[-1]:
+            fig.add_scatter(x=steps, y=[r.get(term) for r in history], mode="lines", name=term)
+    return fig
