@@ -46,8 +46,10 @@ def _is_test(question: str) -> bool:
 
 
 # Bumped whenever the generator's output changes, so cached artefacts built from it are rebuilt.
-VERSION = 2
-MAX_VALUE = 120  # every intermediate result stays in [1, MAX_VALUE]: a 1M-parameter model can learn it
+VERSION = 3
+MAX_VALUE = 60  # every intermediate stays in [1, MAX_VALUE] and operands are single digits, so a
+# 1M-parameter model trained for minutes can learn the arithmetic (values up to 120 with two-digit
+# operands gave 7.7% CoT accuracy after 1,200 steps; up to 999 gave 3.3%)
 
 
 def _next_step(rng: random.Random, v: int) -> tuple[str, int, int]:
@@ -59,16 +61,16 @@ def _next_step(rng: random.Random, v: int) -> tuple[str, int, int]:
         options.append("-")
     if 2 * v <= MAX_VALUE:
         options.append("*")
-    divisors = [b for b in range(2, 6) if v % b == 0]
+    divisors = [b for b in range(2, 4) if v % b == 0]
     if divisors:
         options.append("/")
     op = rng.choice(options)
     if op == "+":
-        b = rng.randint(2, min(30, MAX_VALUE - v))
+        b = rng.randint(2, min(9, MAX_VALUE - v))
     elif op == "-":
-        b = rng.randint(1, v - 1)
+        b = rng.randint(1, min(9, v - 1))
     elif op == "*":
-        b = rng.randint(2, max(2, min(5, MAX_VALUE // v)))
+        b = rng.randint(2, max(2, min(3, MAX_VALUE // v)))
     else:
         b = rng.choice(divisors)
     r = {"+": v + b, "-": v - b, "*": v * b, "/": v // b}[op]
@@ -78,7 +80,7 @@ def _next_step(rng: random.Random, v: int) -> tuple[str, int, int]:
 def _problem(rng: random.Random, n_steps: int) -> tuple[str, list[str], list[str], list[int]]:
     name, pro, pos = rng.choice(NAMES)
     item = rng.choice(ITEMS)
-    v = rng.randint(2, 40)
+    v = rng.randint(2, 30)
     question = [f"{name} has {v} {item}."]
     eq_steps, nl_steps, values = [], [], []
     for _ in range(n_steps):
