@@ -755,7 +755,10 @@ def demo_run(method: str = "kava", small: bool | None = None, log: Callable[[str
                 f"{c.stage0_steps} steps)")
             return candidate
     cfg = demo_config(method, small=small, **overrides)
-    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    from . import synthetic
+
+    key = {**cfg.to_dict(), "synthetic_version": getattr(synthetic, "VERSION", None)}  # never reuse stale data
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     folder = Path(root) if root is not None else cache_dir() / "probe-demo"
     run_dir = folder / f"{method}-{digest}"
     ckpt = checkpoint_path(run_dir) if run_dir.exists() else None
