@@ -94,9 +94,12 @@ def apply_lora(model, cfg: RunConfig, backbone: Backbone):
     return get_peft_model(model, lcfg)
 
 
-def build_student(cfg: RunConfig, device=None) -> tuple[Student, Backbone]:
-    """Backbone (stage-0 checkpoint for from-scratch presets), LoRA if configured, projection."""
-    spec = str(ensure_stage0(cfg)) if cfg.stage0_steps > 0 else cfg.backbone
+def build_student(cfg: RunConfig, device=None, use_stage0: bool = True) -> tuple[Student, Backbone]:
+    """Backbone (stage-0 checkpoint for from-scratch presets), LoRA if configured, projection.
+
+    ``use_stage0=False`` starts from the plain backbone: enough when a full fine-tuning checkpoint will
+    overwrite every weight anyway."""
+    spec = str(ensure_stage0(cfg)) if cfg.stage0_steps > 0 and use_stage0 else cfg.backbone
     backbone = load_backbone(spec, tiny=cfg.tiny)
     model = backbone.model
     if cfg.lora.enabled:
@@ -391,7 +394,9 @@ def load_run(run_dir: str | Path, device=None) -> tuple[Student, Backbone, RunCo
     ckpt = checkpoint_path(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    student, backbone = build_student(cfg, device=device)
+    # A full fine-tuning checkpoint holds every weight, so the stage-0 cache is not needed (a run folder
+    # copied to another machine loads without retraining stage 0); LoRA checkpoints need their base.
+    student, backbone = build_student(cfg, device=device, use_stage0=cfg.lora.enabled)
     load_trainable(student, ckpt)
     student.eval()
     return student, backbone, cfg
