@@ -11,9 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-# Matches integers and decimals, with optional sign, thousands commas and a missing leading zero
-# (".5", "-3", "2,125", "1.25").
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
+# Numbers in free text: optional sign, thousands commas, a missing leading zero (".5", "-3", "2,125").
 _NUMBER_FIND = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 

@@ -38,7 +38,6 @@ _NL = {
     "*": ["{b} times as many {item} is {eq}.", "Now {pro} has {eq} {item}."],
     "/": ["One of {b} equal groups is {eq} {item}.", "Each share is {eq} {item}."],
 }
-_SYMBOL_WORD = {"+": "+", "-": "-", "*": "*", "/": "/"}
 
 
 def _is_test(question: str) -> bool:
@@ -86,7 +85,7 @@ def _problem(rng: random.Random, n_steps: int) -> tuple[str, list[str], list[str
     for _ in range(n_steps):
         op, b, r = _next_step(rng, v)
         fields = dict(Name=name, name=name, Pro=pro.capitalize(), pro=pro, pos="him" if pro == "he" else "her",
-                      item=item, b=b, friends=f"{b - 1} friend" + ("s" if b > 2 else ""), eq=f"{v} {_SYMBOL_WORD[op]} {b} = {r}")
+                      item=item, b=b, friends=f"{b - 1} friend" + ("s" if b > 2 else ""), eq=f"{v} {op} {b} = {r}")
         question.append(rng.choice(_Q[op]).format(**fields))
         nl_steps.append(rng.choice(_NL[op]).format(**fields))
         eq_steps.append(f"<<{v}{op}{b}={r}>>")
