@@ -216,3 +216,56 @@ def get_preset(name: str, method: str = "kava", trace: str | None = None, seed: 
     if steps is not None:
         cfg = replace(cfg, optim=replace(cfg.optim, steps=steps))
     return with_method(cfg, method)
+
+
+def _parse_value(text: str, current, where: str):
+    """Parse ``text`` as the type of the field's current value (bool, int, float, str, tuple, None)."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    try:
+        if isinstance(current, bool):
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, tuple):
+            return tuple(json.loads(text))
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"override {where}: expected a {type(current).__name__}, found {text!r}") from None
+    if current is None:  # optional fields: take numbers as numbers
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+    return text
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """``["latent.T=6", "data.train=synthetic:3-6", "optim.steps=1600"]`` -> a new config (unknown keys raise)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. latent.T=6")
+        path = key.strip().split(".")
+
+        def set_in(obj, names):
+            names_known = {f.name for f in fields(obj)}
+            if names[0] not in names_known:
+                raise ValueError(f"override {item!r}: {type(obj).__name__} has no field {names[0]!r}; "
+                                 f"expected one of {sorted(names_known)}")
+            current = getattr(obj, names[0])
+            if len(names) == 1:
+                return replace(obj, **{names[0]: _parse_value(text, current, item)})
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"override {item!r}: {names[0]!r} is not a section")
+            return replace(obj, **{names[0]: set_in(current, names[1:])})
+
+        cfg = set_in(cfg, path)
+    return cfg

@@ -38,8 +38,20 @@ def read_prediction(text: str, answer_prompt: str) -> float | None:
 
 @torch.no_grad()
 def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example], batch_size: int = 64,
-             predictions_path: str | Path | None = None) -> dict:
-    """Evaluate ``student`` (trained as ``cfg.method``) on ``examples``; returns the summary dict."""
+             predictions_path: str | Path | None = None, intervene: str | None = None, seed: int = 0) -> dict:
+    """Evaluate ``student`` (trained as ``cfg.method``) on ``examples``; returns the summary dict.
+
+    ``intervene`` (latent methods only): one of :data:`kava_lab.intervene.INTERVENTIONS`, applied to the
+    latent cache of every batch before the answer is decoded; the donor of example ``i`` is example
+    ``i + 1`` of its batch (see :func:`kava_lab.intervene.donor_index`)."""
+    from .intervene import INTERVENTIONS, apply_intervention, donor_index
+    from .synthetic import counterfactual_answer, n_steps
+
+    if intervene is not None:
+        if intervene not in INTERVENTIONS:
+            raise ValueError(f"unknown intervention {intervene!r}; expected one of {INTERVENTIONS}")
+        if not cfg.uses_latents:
+            raise ValueError(f"intervention {intervene!r} needs a latent method; this run is {cfg.method!r}")
     model, tok = student.model, backbone.tokenizer
     was_training = student.training
     student.eval()
@@ -52,7 +64,11 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
         if cfg.uses_latents:
             items = [without_answer(encode(e, tok, cfg.encoding, with_cot=False)) for e in chunk]
             batch = collate(items, "student", M=cfg.latent.M).to(device)
-            gen = student.generate(batch, max_new_tokens=cfg.max_new_tokens)
+            hook = None
+            if intervene is not None:
+                def hook(state, b, kind=intervene):
+                    apply_intervention(kind, student.model, state, b, seed=seed)
+            gen = student.generate(batch, max_new_tokens=cfg.max_new_tokens, latent_hook=hook)
             prefix_text = cfg.encoding.answer_prompt
         else:  # cot / nocot: the model writes everything after the question itself
             items = [replace(encode(e, tok, cfg.encoding, with_cot=False), prompt=(), answer=()) for e in chunk]
@@ -63,14 +79,20 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
             gen.seconds = time.perf_counter() - t0
             gen.cache_tokens = batch.attention_mask.sum(1) + gen.lengths
             prefix_text = ""
+        donors = donor_index(len(chunk)).tolist()
         for i, e in enumerate(chunk):
             text = tok.decode(gen.tokens[i], skip_special_tokens=True)
             pred = read_prediction(prefix_text + text, cfg.encoding.answer_prompt)
-            rows.append({"id": e.id, "question": e.question, "gold": e.answer_value, "pred": pred,
-                         "correct": answers_match(pred, e.answer_value), "output": text,
-                         "forward_passes": int(gen.forward_passes[i]),
-                         "kv_bytes": int(gen.cache_tokens[i]) * per_token,
-                         "latency_ms": 1000 * gen.seconds / len(chunk)})
+            row = {"id": e.id, "question": e.question, "gold": e.answer_value, "pred": pred,
+                   "correct": answers_match(pred, e.answer_value), "output": text, "steps": n_steps(e),
+                   "forward_passes": int(gen.forward_passes[i]),
+                   "kv_bytes": int(gen.cache_tokens[i]) * per_token,
+                   "latency_ms": 1000 * gen.seconds / len(chunk)}
+            if intervene == "donor":
+                donor = chunk[donors[i]]
+                row.update({"donor_id": donor.id, "donor_gold": donor.answer_value,
+                            "counterfactual": counterfactual_answer(e, donor)})
+            rows.append(row)
     if was_training:
         student.train()
     n = len(rows)
@@ -80,13 +102,37 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
         "forward_passes": sum(r["forward_passes"] for r in rows) / max(n, 1),
         "latency_ms": sum(r["latency_ms"] for r in rows) / max(n, 1),
         "kv_bytes": sum(r["kv_bytes"] for r in rows) / max(n, 1),
-        "device": str(device), "batch_size": batch_size,
+        "device": str(device), "batch_size": batch_size, "intervention": intervene,
+        "accuracy_by_steps": accuracy_by_steps(rows),
     }
+    if intervene == "donor":
+        summary.update(donor_rates(rows))
     if predictions_path is not None:
         with open(predictions_path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     return summary
+
+
+def accuracy_by_steps(rows: list[dict]) -> dict[str, float]:
+    """Accuracy per number of reasoning steps of the problem (keys are strings, for JSON)."""
+    groups: dict[int, list[bool]] = {}
+    for r in rows:
+        groups.setdefault(r["steps"], []).append(bool(r["correct"]))
+    return {str(k): sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def donor_rates(rows: list[dict]) -> dict:
+    """How often donor-swapped predictions equal the donor's answer or the counterfactual answer.
+
+    Counted only on rows where the three numbers (gold, donor's gold, counterfactual) differ, and the
+    example is not its own donor, so each rate says what the prediction followed."""
+    usable = [r for r in rows if r.get("counterfactual") is not None and r["donor_id"] != r["id"]
+              and len({r["gold"], r["donor_gold"], r["counterfactual"]}) == 3]
+    n = len(usable)
+    hit = lambda key: sum(answers_match(r["pred"], r[key]) for r in usable) / n if n else None
+    return {"donor_rows": n, "counterfactual_rate": hit("counterfactual"), "donor_answer_rate": hit("donor_gold"),
+            "gold_rate_on_donor_rows": hit("gold")}
 
 
 def evaluate_run(run_dir: str | Path, eval_source: str | None = None, split: str | None = None,

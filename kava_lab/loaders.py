@@ -869,7 +869,8 @@ def load_examples(
 
     ``source`` is one of:
 
-    * ``"synthetic"``: :func:`kava_lab.synthetic.make_synthetic` (``limit`` or 2000 train / 500 otherwise);
+    * ``"synthetic"`` or ``"synthetic:MIN-MAX"`` (steps per problem; splits train/val/test):
+      :func:`kava_lab.synthetic.load_synthetic` (``limit`` or 2000 train / 500 otherwise);
     * a short name, ``"gsm8k"`` (splits train/test), ``"gsm8k-aug"`` (valid/test/middletrain/train_no_aug
       locally; train from the hub), ``"gsm-hard"``, ``"svamp"``, ``"multiarith"`` (None/"all": the 600 file,
       "test": the 180 split, "mawps": the simple form): the shared data folder (:func:`find_shared_data`)
@@ -886,13 +887,11 @@ def load_examples(
     _check_args(trace, limit)
     text = str(source)
 
-    if text == "synthetic" and not isinstance(source, Path):
-        from kava_lab.synthetic import make_synthetic
+    if (text == "synthetic" or text.startswith("synthetic:")) and not isinstance(source, Path):
+        from kava_lab.synthetic import load_synthetic
 
-        split_name = split or "train"
-        n = limit if limit is not None else (2000 if split_name == "train" else 500)
-        items = make_synthetic(n, split=split_name, trace=trace)
-        return ExampleList(items, LoadReport(source="synthetic", loaded=len(items)))
+        items = load_synthetic(text, split, trace, limit)
+        return ExampleList(items, LoadReport(source=text, loaded=len(items)))
 
     considered: list[str] = []
     key = text.lower()

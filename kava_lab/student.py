@@ -151,12 +151,16 @@ class Student(nn.Module):
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 16) -> "Generation":
+    def generate(self, batch: Batch, max_new_tokens: int = 16, latent_hook=None) -> "Generation":
         """Latents, then ``[<eot>, prompt]`` in one pass, then greedy answer decoding. ``batch`` is a
-        student batch whose examples carry no answer (see :func:`kava_lab.encoding.without_answer`)."""
+        student batch whose examples carry no answer (see :func:`kava_lab.encoding.without_answer`).
+        ``latent_hook(state, batch)``, if given, may edit the latent cache before the answer is decoded
+        (see :mod:`kava_lab.intervene`)."""
         start = time.perf_counter()
         P, M = batch.P, batch.M
         state = self.latent_loop(batch)
+        if latent_hook is not None:
+            latent_hook(state, batch)
         lengths = batch.attention_mask.sum(1)  # real tokens so far (question, bot, M, eot, prompt)
         gen = greedy_decode(self.model, state.cache, batch.input_ids[:, P + M:], batch.attention_mask,
                             batch.position_ids[:, P + M:], self.eos_id, max_new_tokens)

@@ -1,15 +1,23 @@
-"""Deterministic GSM8k-style word problems with 2-4 arithmetic steps, in two trace styles.
+"""Deterministic GSM8k-style word problems with a chosen number of dependent arithmetic steps, in two trace styles.
 
 Every problem has an equation-only trace (``<<12+5=17>> <<17*3=51>>``, like GSM8k-AUG) and a
 natural-language trace of the same reasoning (``Tom buys 5 more, so he has 12 + 5 = 17 apples.``, like
-GSM8k-AUG-NL). The split is decided by a hash of the question text (one problem in five goes to
-``test``), so train and test are disjoint at any size, and each split is drawn from its own seed stream.
+GSM8k-AUG-NL). The split is decided by a hash of the question text (two problems in ten go to ``test``,
+one in ten to ``val``, the rest to ``train``), so the splits are disjoint at any size, and each split is drawn
+from its own seed stream. ``val`` is carved from the training distribution for choosing recipes; ``test``
+is only for the numbers a README reports.
+
+Difficulty axis: the number of steps, a chain of dependent values (each step applies one operation to the
+previous result). ``"synthetic"`` is 2-4 steps; ``"synthetic:3-6"`` is 3 to 6 steps, uniformly. A 4-layer
+model answering directly (No-CoT) computes short chains in its one pass; longer chains need the
+intermediate values written down (CoT) or carried by latents.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 from .data import Example
 
@@ -40,12 +48,17 @@ _NL = {
 }
 
 
-def _is_test(question: str) -> bool:
-    return int(hashlib.sha1(question.encode()).hexdigest(), 16) % 5 == 0
+SPLITS = ("train", "val", "test")
+
+
+def _split_of(question: str) -> str:
+    bucket = int(hashlib.sha1(question.encode()).hexdigest(), 16) % 10
+    return "test" if bucket < 2 else "val" if bucket == 2 else "train"
 
 
 # Bumped whenever the generator's output changes, so cached artefacts built from it are rebuilt.
-VERSION = 3
+# v4: three-way split (train / val / test) and the step-count spec.
+VERSION = 4
 MAX_VALUE = 60  # every intermediate stays in [1, MAX_VALUE] and operands are single digits, so a
 # 1M-parameter model trained for minutes can learn the arithmetic (values up to 120 with two-digit
 # operands gave 7.7% CoT accuracy after 1,200 steps; up to 999 gave 3.3%)
@@ -102,17 +115,18 @@ def make_synthetic(n: int, split: str = "train", trace: str = "equation", seed: 
     The same (n, split, seed) always gives the same problems, and the two trace styles give the
     same problems in the same order.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"synthetic split must be 'train' or 'test', found {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"synthetic split must be one of {SPLITS}, found {split!r}")
+    if not 1 <= min_steps <= max_steps:
+        raise ValueError(f"synthetic steps must satisfy 1 <= min_steps <= max_steps, found {min_steps}-{max_steps}")
     if trace not in ("equation", "nl"):
         raise ValueError(f"trace must be 'equation' or 'nl', found {trace!r}")
     rng = random.Random(f"kava-synthetic/{seed}/{split}")
-    want_test = split == "test"
     out: list[Example] = []
     seen: set[str] = set()
     while len(out) < n:
         question, eq_steps, nl_steps, values = _problem(rng, rng.randint(min_steps, max_steps))
-        if _is_test(question) != want_test or question in seen:
+        if _split_of(question) != split or question in seen:
             continue
         seen.add(question)
         answer = str(values[-1])
@@ -120,3 +134,61 @@ def make_synthetic(n: int, split: str = "train", trace: str = "equation", seed: 
                            answer=answer, answer_value=float(values[-1]), source=f"synthetic/{split}",
                            id=f"synthetic/{seed}/{split}/{len(out)}", step_values=tuple(float(x) for x in values)))
     return out
+
+
+def parse_spec(source: str) -> tuple[int, int]:
+    """``"synthetic"`` -> (2, 4); ``"synthetic:3-6"`` -> (3, 6); ``"synthetic:5"`` -> (5, 5)."""
+    if source == "synthetic":
+        return 2, 4
+    head, _, spec = source.partition(":")
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", spec)
+    if head != "synthetic" or not match:
+        raise ValueError(f"synthetic source must be 'synthetic' or 'synthetic:MIN-MAX' (e.g. 'synthetic:3-6'), "
+                         f"found {source!r}")
+    lo = int(match.group(1))
+    hi = int(match.group(2) or lo)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"synthetic source {source!r}: steps must satisfy 1 <= MIN <= MAX")
+    return lo, hi
+
+
+def load_synthetic(source: str, split: str | None, trace: str, limit: int | None) -> list[Example]:
+    """The ``load_examples`` entry for ``"synthetic[:MIN-MAX]"`` (``limit`` or 2000 train / 500 otherwise)."""
+    lo, hi = parse_spec(source)
+    split = split or "train"
+    n = limit if limit is not None else (2000 if split == "train" else 500)
+    return make_synthetic(n, split=split, trace=trace, min_steps=lo, max_steps=hi)
+
+
+_STEP = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/])\s*(\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+
+
+def parse_step(step: str) -> tuple[float, str, float, float] | None:
+    """``"<<12+5=17>>"`` or ``"... 12 + 5 = 17 apples."`` -> (12.0, "+", 5.0, 17.0); None if no equation."""
+    match = _STEP.search(step)
+    if match is None:
+        return None
+    a, op, b, r = match.groups()
+    return float(a), op, float(b), float(r)
+
+
+def counterfactual_answer(example: Example, donor: Example) -> float | None:
+    """This problem's final step applied to the donor's value before its own final step.
+
+    With drop-last the teacher's CoT stops one step short, so the latents are trained to carry the value
+    before the final step; if a student's answer reads that value from (swapped-in) donor latents, it
+    predicts this number. None when either trace has no parsable step.
+    """
+    if not example.steps or not donor.steps:
+        return None
+    mine, theirs = parse_step(example.steps[-1]), parse_step(donor.steps[-1])
+    if mine is None or theirs is None:
+        return None
+    _, op, b, _ = mine
+    return _OPS[op](theirs[0], b)
+
+
+def n_steps(example: Example) -> int:
+    """Number of reasoning steps of the problem (the trace's, dropped step included)."""
+    return len(example.step_values) or len(example.steps)

@@ -1,0 +1,113 @@
+"""Interventions on the latent cache: do the answers read the latents?
+
+After the latent loop the cache holds ``[question, <bot>, M latents]`` and the answer is decoded on top of
+it. An intervention replaces the M latent columns of every layer before the answer is decoded:
+
+- ``donor``: example ``i`` gets the latent K/V of example ``(i + 1) mod B`` of the same batch; the answer
+  still reads its own question. If the answer reads the latents, accuracy falls, and on synthetic problems
+  the prediction tends to the *counterfactual answer* (this problem's final step applied to the donor's
+  intermediate result, :func:`kava_lab.synthetic.counterfactual_answer`).
+- ``zero``: the K/V the model computes from all-zero latent inputs on the example's own question cache
+  (one extra forward pass, not counted in the reported forward passes).
+- ``mean``: the batch mean of the latent K/V (per layer, KV head and slot): the slots' typical content with
+  the example-specific part removed.
+- ``shuffle-slots``: the M slots permuted within each example (a seeded permutation per example): does the
+  answer read the slots as an ordered sequence?
+
+Keys in the cache are post-RoPE. Moved keys are first rotated back to position zero, then rotated to the
+position of the slot they land in, so an intervention changes content, not position (exact for rotary
+models: rotations compose). For a model without a rotary embedding module, keys move as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .encoding import Batch
+from .student import fork_cache, stack_kv
+
+INTERVENTIONS = ("donor", "zero", "mean", "shuffle-slots")
+
+
+def rotary_module(model):
+    """The model's rotary embedding module (``...RotaryEmbedding``), or None."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            return module
+    return None
+
+
+def rotate_keys(keys: torch.Tensor, positions: torch.Tensor, rotary) -> torch.Tensor:
+    """Rotate keys ``[B, L, H, M, d]`` by ``positions`` ``[B, M]`` (negative: rotate back), Llama convention.
+
+    ``R(a) R(b) = R(a + b)``, so a post-RoPE key at position p rotated by ``-p`` is the pre-RoPE key, and
+    rotated by ``q - p`` it is the key the model would compute at position q.
+    """
+    if rotary is None:
+        return keys
+    B, L, H, M, d = keys.shape
+    probe = keys[:, 0, 0]  # [B, M, d]: dtype and device only
+    cos, sin = rotary(probe, positions.to(probe.device))  # [B, M, r]
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    cos, sin = (cos / scale)[:, None, None], (sin / scale)[:, None, None]  # [B, 1, 1, M, r]
+    r = cos.shape[-1]
+    rot, rest = keys[..., :r], keys[..., r:]
+    half = r // 2
+    rotated = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], -1) * sin
+    return torch.cat([rotated, rest], -1) if rest.shape[-1] else rotated
+
+
+def donor_index(batch_size: int, device=None) -> torch.Tensor:
+    """Example ``i``'s donor is ``(i + 1) mod B`` (itself when ``B == 1``)."""
+    return (torch.arange(batch_size, device=device) + 1) % batch_size
+
+
+def slot_permutations(batch_size: int, M: int, seed: int = 0) -> torch.Tensor:
+    """``[B, M]`` seeded permutations, none the identity when ``M > 1``."""
+    g = torch.Generator().manual_seed(seed)
+    perms = []
+    for _ in range(batch_size):
+        p = torch.randperm(M, generator=g)
+        while M > 1 and bool((p == torch.arange(M)).all()):
+            p = torch.randperm(M, generator=g)
+        perms.append(p)
+    return torch.stack(perms)
+
+
+@torch.no_grad()
+def apply_intervention(kind: str, model, state, batch: Batch, seed: int = 0) -> None:
+    """Replace the latent columns ``[P, P + M)`` of every layer of ``state.cache`` in place."""
+    if kind not in INTERVENTIONS:
+        raise ValueError(f"unknown intervention {kind!r}; expected one of {INTERVENTIONS}")
+    P, M = batch.P, batch.M
+    cache = state.cache
+    positions = batch.position_ids[:, P:P + M]  # [B, M]
+    if kind == "zero":
+        question = fork_cache(cache)
+        question.crop(-(question.get_seq_length() - P))  # keep [question, <bot>]
+        D = state.latents.shape[-1]
+        zeros = torch.zeros(len(batch), M, D, dtype=state.latents.dtype, device=state.latents.device)
+        out = model(inputs_embeds=zeros, attention_mask=batch.attention_mask[:, :P + M], position_ids=positions,
+                    past_key_values=question, use_cache=True)
+        new_k, new_v = stack_kv(out.past_key_values, P, P + M)
+    else:
+        keys, values = stack_kv(cache, P, P + M)  # [B, L, H, M, d]
+        rotary = rotary_module(model)
+        free = rotate_keys(keys, -positions, rotary)  # position-free keys
+        if kind == "donor":
+            idx = donor_index(len(batch), keys.device)
+            free, values = free[idx], values[idx]
+        elif kind == "mean":
+            free = free.mean(0, keepdim=True).expand_as(free)
+            values = values.mean(0, keepdim=True).expand_as(values)
+        else:  # shuffle-slots
+            perm = slot_permutations(len(batch), M, seed).to(keys.device)  # [B, M]
+            index = perm[:, None, None, :, None].expand_as(free)
+            free, values = free.gather(3, index), values.gather(3, index)
+        new_k = rotate_keys(free, positions, rotary)
+        new_v = values
+    for layer_index, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([layer.keys[:, :, :P], new_k[:, layer_index].to(layer.keys.dtype),
+                                layer.keys[:, :, P + M:]], 2)
+        layer.values = torch.cat([layer.values[:, :, :P], new_v[:, layer_index].to(layer.values.dtype),
+                                  layer.values[:, :, P + M:]], 2)

@@ -1,0 +1,145 @@
+"""One recorded experiment: train a tiny-preset run, evaluate it with interventions, write results/NAME.json.
+
+    python scripts/experiment.py NAME --method kava --trace nl --seed 0 \
+        --task synthetic:3-6 --set latent.T=6 --set optim.steps=1600 --why "does T=6 beat T=3?" [--test]
+
+Decide the question before the run (``--why``), change one factor at a time (``--set``), and choose recipes
+on ``val`` (carved from the training problems); ``--test`` adds the held-out test split, for the numbers a
+README reports. The run folder goes to ``runs/exp/NAME`` (not committed); the small JSON record goes to
+``results/NAME.json`` (committed): config, overrides, train minutes, final loss terms, the validation
+curve (``--eval-every``), and for each split the plain accuracy, accuracy by number of steps and every
+intervention's accuracy (latent methods). ``scripts/render_results.py`` renders the README tables from it.
+Re-running a finished NAME only re-evaluates (training resumes from its checkpoint, already complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kava_lab.config import apply_overrides, get_preset  # noqa: E402
+from kava_lab.evaluate import evaluate  # noqa: E402
+from kava_lab.intervene import INTERVENTIONS  # noqa: E402
+from kava_lab.loaders import load_examples  # noqa: E402
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _slim(summary: dict) -> dict:
+    keep = ("accuracy", "n", "forward_passes", "kv_bytes", "accuracy_by_steps", "counterfactual_rate",
+            "donor_answer_rate", "gold_rate_on_donor_rows", "donor_rows")
+    return {k: summary[k] for k in keep if k in summary}
+
+
+def evaluate_split(student, backbone, cfg, split: str, limit: int, interventions: bool) -> dict:
+    examples = load_examples(cfg.data.eval, split=split, trace=cfg.data.trace, limit=limit)
+    out = {"plain": _slim(evaluate(student, backbone, cfg, examples, batch_size=64))}
+    if interventions and cfg.uses_latents:
+        out["interventions"] = {kind: _slim(evaluate(student, backbone, cfg, examples, batch_size=64,
+                                                     intervene=kind)) for kind in INTERVENTIONS}
+    return out
+
+
+def main(argv=None) -> dict:
+    from kava_lab.train import build_student, load_run, read_metrics, stage0_dir, train
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name")
+    ap.add_argument("--method", default="kava")
+    ap.add_argument("--trace", default="nl", choices=("nl", "equation"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task", default=None, help="synthetic task for train and eval, e.g. synthetic:3-6")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--why", default="", help="the question this run answers (decided before the run)")
+    ap.add_argument("--test", action="store_true", help="also evaluate on the held-out test split")
+    ap.add_argument("--val-limit", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (a curve)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "exp"))
+    ap.add_argument("--results", default=str(ROOT / "results"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    overrides = list(args.overrides)
+    if args.task:
+        overrides = [f"data.train={args.task}", f"data.eval={args.task}"] + overrides
+    cfg = apply_overrides(get_preset("tiny", args.method, trace=args.trace, seed=args.seed), overrides)
+    run_dir = Path(args.runs) / args.name
+    record_path = Path(args.results) / f"{args.name}.json"
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(record_path.read_text()) if record_path.exists() else {}
+
+    t_stage0 = time.perf_counter()
+    student, backbone = build_student(cfg)  # trains and caches stage 0 on first use
+    stage0_minutes = (time.perf_counter() - t_stage0) / 60
+    curve = list(previous.get("curve", []))
+    val_examples = (load_examples(cfg.data.eval, split="val", trace=cfg.data.trace, limit=args.val_limit)
+                    if args.eval_every else None)
+
+    def callback(record):
+        if args.eval_every and record["step"] % args.eval_every == 0:
+            acc = evaluate(student, backbone, cfg, val_examples, batch_size=64)["accuracy"]
+            curve.append({"step": record["step"], "val_accuracy": acc})
+            print(f"step {record['step']}: val accuracy {acc:.3f}", flush=True)
+        if record["step"] % 50 == 0:
+            terms = " ".join(f"{k}={record[k]:.4g}" for k in ("loss", "teacher_ce", "student_ce", "codi", "kv")
+                             if k in record)
+            print(f"step {record['step']}: {terms} ({record['step_time_s']:.2f} s/step)", flush=True)
+
+    t0 = time.perf_counter()
+    already = (run_dir / "checkpoint" / "step.json").exists()
+    train(cfg, run_dir, resume=already, student_backbone=(student, backbone), callback=callback,
+          log=lambda s: print(s, flush=True))
+    train_minutes = (time.perf_counter() - t0) / 60
+    if already and previous.get("train_minutes"):
+        train_minutes = previous["train_minutes"]  # re-evaluation only
+
+    student, backbone, cfg = load_run(run_dir)
+    t1 = time.perf_counter()
+    evals = {"val": evaluate_split(student, backbone, cfg, "val", args.val_limit, interventions=True)}
+    if args.test:
+        evals["test"] = evaluate_split(student, backbone, cfg, "test", cfg.data.eval_limit or 300,
+                                       interventions=True)
+    metrics = read_metrics(run_dir)
+    tail = metrics[-50:]
+    final_terms = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
+                   if k in ("loss", "teacher_ce", "student_ce", "codi", "kv", "grad_norm")} if tail else {}
+    record = {
+        "name": args.name, "why": args.why or previous.get("why", ""), "method": cfg.method,
+        "trace": cfg.data.trace, "seed": cfg.seed, "task": cfg.data.train, "overrides": overrides,
+        "steps": cfg.optim.steps, "stage0_steps": cfg.stage0_steps, "stage0_dir": stage0_dir(cfg).name,
+        "train_minutes": round(train_minutes, 2), "stage0_minutes_this_call": round(stage0_minutes, 2),
+        "eval_minutes": round((time.perf_counter() - t1) / 60, 2), "threads": torch.get_num_threads(),
+        "median_step_s": sorted(r["step_time_s"] for r in metrics)[len(metrics) // 2] if metrics else None,
+        "final_terms_last50": final_terms, "curve": curve, "evals": evals, "config": cfg.to_dict(),
+        "commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    record_path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
+    val = evals["val"]
+    line = f"{args.name}: val accuracy {val['plain']['accuracy']:.3f}"
+    for kind, s in val.get("interventions", {}).items():
+        line += f", {kind} {s['accuracy']:.3f}"
+    print(line, f"-> {record_path}", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()

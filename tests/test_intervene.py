@@ -1,0 +1,154 @@
+"""Latent interventions: exact key re-rotation, each intervention's effect on the cache, and evaluation rates.
+
+Tiny random Llama (GQA) and Qwen2 models built on the spot; no downloads.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from kava_lab.backbone import TinyConfig, build_tiny, load_backbone
+from kava_lab.config import LatentConfig, get_preset
+from kava_lab.data import Example
+from kava_lab.encoding import Collator, encode, without_answer
+from kava_lab.evaluate import donor_rates, evaluate
+from kava_lab.intervene import apply_intervention, donor_index, rotary_module, rotate_keys, slot_permutations
+from kava_lab.student import Student, stack_kv
+from kava_lab.synthetic import counterfactual_answer, make_synthetic, parse_step
+
+SMALL = TinyConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def backbone(request, tmp_path_factory):
+    path = build_tiny(tmp_path_factory.mktemp(request.param), SMALL, family=request.param)
+    torch.manual_seed(0)
+    return load_backbone(str(path))
+
+
+def _student(bb, M=4, T=2):
+    torch.manual_seed(0)
+    return Student(bb.model, LatentConfig(mode="jacobi", M=M, T=T), eos_id=bb.eos_id, eot_id=bb.eot_id).eval()
+
+
+def _batch(bb, examples, M=4):
+    items = [without_answer(encode(e, bb.tokenizer, with_cot=False)) for e in examples]
+    return Collator.for_backbone(bb)(items, "student", M=M)
+
+
+def _keys_at(bb, embeds, positions):
+    """Layer-0.. keys of ``embeds`` [1, n, D] run alone at ``positions`` [1, n]: [1, L, H, n, d]."""
+    out = bb.model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+    return stack_kv(out.past_key_values, 0, embeds.shape[1])[0]
+
+
+@torch.no_grad()
+def test_rotating_a_key_equals_computing_it_at_the_new_position(backbone):
+    torch.manual_seed(1)
+    x = torch.randn(1, 1, SMALL.hidden_size)  # a single token: its layer-0 key depends only on its position
+    rotary = rotary_module(backbone.model)
+    assert rotary is not None
+    k5 = _keys_at(backbone, x, torch.tensor([[5]]))[:, :1]  # layer 0
+    k12 = _keys_at(backbone, x, torch.tensor([[12]]))[:, :1]
+    moved = rotate_keys(k5, torch.tensor([[7]]), rotary)
+    assert torch.allclose(moved, k12, atol=1e-5)
+    assert not torch.allclose(k5, k12, atol=1e-3)  # the rotation is not a no-op
+    back = rotate_keys(k12, torch.tensor([[-12]]), rotary)
+    zero = _keys_at(backbone, x, torch.tensor([[0]]))[:, :1]
+    assert torch.allclose(back, zero, atol=1e-5)
+
+
+@torch.no_grad()
+def test_donor_swaps_latent_kv_and_leaves_the_question_alone(backbone):
+    student = _student(backbone)
+    examples = make_synthetic(3, split="test", trace="nl")
+    batch = _batch(backbone, examples)
+    state = student.latent_loop(batch)
+    P, M = batch.P, batch.M
+    k0, v0 = stack_kv(state.cache, 0, P + M)
+    apply_intervention("donor", backbone.model, state, batch)
+    k1, v1 = stack_kv(state.cache, 0, P + M)
+    assert torch.equal(k1[..., :P, :], k0[..., :P, :]) and torch.equal(v1[..., :P, :], v0[..., :P, :])
+    idx = donor_index(3)
+    assert torch.equal(v1[..., P:, :], v0[idx][..., P:, :])  # values move unchanged
+    pos = batch.position_ids[:, P:P + M]
+    rotary = rotary_module(backbone.model)
+    expected = rotate_keys(k0[idx][..., P:, :], pos - pos[idx], rotary)  # re-rotated to the receiver
+    assert torch.allclose(k1[..., P:, :], expected, atol=1e-5)
+    if int((pos - pos[idx]).abs().max()) > 0:
+        assert not torch.allclose(k1[..., P:, :], k0[idx][..., P:, :], atol=1e-4)
+
+
+@torch.no_grad()
+def test_mean_shuffle_and_zero(backbone):
+    student = _student(backbone, M=5)
+    batch = _batch(backbone, make_synthetic(4, split="test", trace="nl"), M=5)
+    P, M = batch.P, batch.M
+    rotary = rotary_module(backbone.model)
+    pos = batch.position_ids[:, P:P + M]
+
+    state = student.latent_loop(batch)
+    k0, v0 = stack_kv(state.cache, P, P + M)
+    apply_intervention("mean", backbone.model, state, batch)
+    _, v1 = stack_kv(state.cache, P, P + M)
+    assert torch.allclose(v1, v0.mean(0, keepdim=True).expand_as(v0), atol=1e-6)
+
+    state = student.latent_loop(batch)
+    apply_intervention("shuffle-slots", backbone.model, state, batch, seed=3)
+    k2, v2 = stack_kv(state.cache, P, P + M)
+    perm = slot_permutations(4, M, seed=3)
+    assert not (perm == torch.arange(M)).all(1).any()  # no example keeps its order
+    for b in range(4):
+        assert torch.equal(v2[b], v0[b][:, :, perm[b]])
+        free = rotate_keys(k0[b:b + 1][:, :, :, perm[b]], -pos[b:b + 1, perm[b]], rotary)
+        assert torch.allclose(k2[b:b + 1], rotate_keys(free, pos[b:b + 1], rotary), atol=1e-5)
+
+    state = student.latent_loop(batch)
+    apply_intervention("zero", backbone.model, state, batch)
+    k3, _ = stack_kv(state.cache, P, P + M)
+    question = student.model(input_ids=batch.input_ids[:, :P], attention_mask=batch.attention_mask[:, :P],
+                             position_ids=batch.position_ids[:, :P], use_cache=True).past_key_values
+    zeros = torch.zeros(4, M, SMALL.hidden_size)
+    ref = student.model(inputs_embeds=zeros, attention_mask=batch.attention_mask[:, :P + M], position_ids=pos,
+                        past_key_values=question, use_cache=True).past_key_values
+    assert torch.allclose(k3, stack_kv(ref, P, P + M)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown intervention"):
+        apply_intervention("swap", backbone.model, state, batch)
+
+
+def test_counterfactual_answer_and_parse_step():
+    assert parse_step("<<12+5=17>>") == (12.0, "+", 5.0, 17.0)
+    assert parse_step("After giving away 2, she has 13 - 2 = 11 cookies left.") == (13.0, "-", 2.0, 11.0)
+    assert parse_step("no equation") is None
+    mine = Example(question="q1", steps=("<<3*4=12>>", "<<12+5=17>>"), answer="17", answer_value=17.0)
+    donor = Example(question="q2", steps=("<<7-2=5>>", "<<5*3=15>>"), answer="15", answer_value=15.0)
+    assert counterfactual_answer(mine, donor) == 5 + 5  # my "+5" applied to the donor's value before its last step
+    assert counterfactual_answer(donor, mine) == 12 * 3
+
+
+def test_donor_rates_count_only_distinguishable_rows():
+    rows = [
+        {"id": "a", "donor_id": "b", "gold": 1.0, "donor_gold": 2.0, "counterfactual": 3.0, "pred": 3.0},
+        {"id": "b", "donor_id": "c", "gold": 4.0, "donor_gold": 5.0, "counterfactual": 6.0, "pred": 5.0},
+        {"id": "c", "donor_id": "a", "gold": 7.0, "donor_gold": 8.0, "counterfactual": 7.0, "pred": 7.0},  # ambiguous
+        {"id": "d", "donor_id": "d", "gold": 1.0, "donor_gold": 1.0, "counterfactual": 2.0, "pred": 1.0},  # self
+    ]
+    rates = donor_rates(rows)
+    assert rates["donor_rows"] == 2
+    assert rates["counterfactual_rate"] == 0.5 and rates["donor_answer_rate"] == 0.5
+    assert rates["gold_rate_on_donor_rows"] == 0.0
+
+
+def test_evaluate_reports_interventions_and_accuracy_by_steps(backbone):
+    cfg = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(cfg, latent=LatentConfig(mode="jacobi", M=4, T=1), max_new_tokens=4)
+    student = _student(backbone, M=4, T=1)
+    examples = make_synthetic(6, split="test", trace="nl", min_steps=2, max_steps=3)
+    plain = evaluate(student, backbone, cfg, examples, batch_size=3)
+    assert set(plain["accuracy_by_steps"]) <= {"2", "3"} and plain["intervention"] is None
+    swapped = evaluate(student, backbone, cfg, examples, batch_size=3, intervene="donor")
+    assert swapped["intervention"] == "donor" and "counterfactual_rate" in swapped
+    assert swapped["forward_passes"] == plain["forward_passes"]
+    with pytest.raises(ValueError, match="needs a latent method"):
+        evaluate(student, backbone, get_preset("tiny", "nocot"), examples, intervene="zero")
