@@ -40,6 +40,10 @@ class LossConfig:
     a1: float = 10.0  # CODI hidden-state distillation weight
     a2: float = 1.0  # KV distillation weight
     teacher_weight: float = 1.0  # weight of teacher CE (the teacher is the same model)
+    # CODI residual scale per layer: "global" = std of the teacher's anchor states over batch and hidden dims
+    # (CODI's own code); "examples" = their spread across examples (root mean over dims of the variance over
+    # the batch), which measures the residual against what differs between problems
+    codi_norm: str = "global"
 
 
 @dataclass(frozen=True)

@@ -60,10 +60,20 @@ def kv_loss(student_k: torch.Tensor, student_v: torch.Tensor, teacher_k: torch.T
     return total / 2
 
 
-def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 between anchor hidden states ``[B, L, D]``, each layer divided by the teacher's std."""
+def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, norm: str = "global") -> torch.Tensor:
+    """Smooth-L1 between anchor hidden states ``[B, L, D]``, each layer divided by a teacher scale.
+
+    ``norm="global"``: the std of the teacher's states over batch and hidden dims (CODI's code divides by
+    ``ref_selected.std()``). ``norm="examples"``: their spread across examples, ``sqrt(mean_d var_b)``: the
+    part of the state that differs between problems, usually far smaller than the global scale."""
     teacher = teacher_hidden.detach().to(student_hidden.dtype)
-    std = teacher.std(dim=(0, 2)).clamp(min=1e-6)  # [L]
+    if norm == "global":
+        std = teacher.std(dim=(0, 2))  # [L]
+    elif norm == "examples":
+        std = teacher.var(dim=0).mean(-1).sqrt() if teacher.shape[0] > 1 else teacher.std(dim=(0, 2))  # [L]
+    else:
+        raise ValueError(f"unknown CODI normalisation {norm!r}; expected 'global' or 'examples'")
+    std = std.clamp(min=1e-6)
     residual = (student_hidden - teacher) / std[None, :, None]
     return F.smooth_l1_loss(residual, torch.zeros_like(residual))
 

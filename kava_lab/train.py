@@ -69,7 +69,8 @@ class KaVaObjective(nn.Module):
             return kava_objective(cfg.loss, out.loss)
         teacher = extract_teacher(model, teacher_batch, with_grad=True)
         student = self.student(student_batch)
-        codi = codi_loss(student.anchor_hidden, teacher.anchor_hidden) if cfg.loss.a1 > 0 else None
+        codi = (codi_loss(student.anchor_hidden, teacher.anchor_hidden, cfg.loss.codi_norm)
+                if cfg.loss.a1 > 0 else None)
         kv = None
         if self.compressor is not None:
             with torch.no_grad():

@@ -106,3 +106,18 @@ def test_lora_and_special_token_rows_get_gradients(family_paths):
     assert token_rows and any(g is not None and g.abs().sum() > 0 for g in token_rows)
     frozen = [n for n, p in student.named_parameters() if not p.requires_grad]
     assert any("q_proj.base_layer" in n for n in frozen)  # base weights stay frozen
+
+
+def test_codi_norm_examples_measures_the_residual_against_the_spread_between_examples():
+    from kava_lab.losses import codi_loss
+
+    torch.manual_seed(0)
+    shared = torch.randn(1, 2, 16) * 10  # a large state every example shares (token identity, say)
+    teacher = shared + 0.1 * torch.randn(8, 2, 16)  # examples differ only a little
+    student = teacher + 0.1 * torch.randn(8, 2, 16)  # an error as large as that difference
+    assert codi_loss(teacher, teacher, "examples") == 0
+    g, e = codi_loss(student, teacher, "global"), codi_loss(student, teacher, "examples")
+    assert g < 1e-3  # as CODI normalises, the error looks negligible
+    assert e > 100 * g  # measured against what differs between problems, it is not
+    with pytest.raises(ValueError, match="normalisation"):
+        codi_loss(student, teacher, "batch")
