@@ -44,6 +44,9 @@ class LossConfig:
     # (CODI's own code); "examples" = their spread across examples (root mean over dims of the variance over
     # the batch), which measures the residual against what differs between problems
     codi_norm: str = "global"
+    # keys compared by the KV loss: "post_rope" (as the cache holds them, the paper's default) or "pre_rope"
+    # (both sides rotated back to position 0, so a latent slot need not reproduce its CoT token's position)
+    kv_keys: str = "post_rope"
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,19 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
     return summary
 
 
+def evaluate_interventions(student: Student, backbone, cfg: RunConfig, examples: list[Example],
+                           kinds: tuple[str, ...] | None = None, batch_size: int = 64) -> dict[str, dict]:
+    """``{"plain": summary, kind: summary, ...}``: the untouched run next to each latent intervention
+    (all of :data:`kava_lab.intervene.INTERVENTIONS` by default; none for cot / nocot)."""
+    from .intervene import INTERVENTIONS
+
+    out = {"plain": evaluate(student, backbone, cfg, examples, batch_size=batch_size)}
+    if cfg.uses_latents:
+        for kind in INTERVENTIONS if kinds is None else kinds:
+            out[kind] = evaluate(student, backbone, cfg, examples, batch_size=batch_size, intervene=kind)
+    return out
+
+
 def accuracy_by_steps(rows: list[dict]) -> dict[str, float]:
     """Accuracy per number of reasoning steps of the problem (keys are strings, for JSON)."""
     groups: dict[int, list[bool]] = {}

@@ -38,7 +38,8 @@ def rotary_module(model):
 
 
 def rotate_keys(keys: torch.Tensor, positions: torch.Tensor, rotary) -> torch.Tensor:
-    """Rotate keys ``[B, L, H, M, d]`` by ``positions`` ``[B, M]`` (negative: rotate back), Llama convention.
+    """Rotate keys ``[B, L, H, M, d]`` by ``positions`` ``[B, M]`` or ``[B, L, H, M]`` (negative: rotate
+    back), Llama convention.
 
     ``R(a) R(b) = R(a + b)``, so a post-RoPE key at position p rotated by ``-p`` is the pre-RoPE key, and
     rotated by ``q - p`` it is the key the model would compute at position q.
@@ -46,10 +47,12 @@ def rotate_keys(keys: torch.Tensor, positions: torch.Tensor, rotary) -> torch.Te
     if rotary is None:
         return keys
     B, L, H, M, d = keys.shape
-    probe = keys[:, 0, 0]  # [B, M, d]: dtype and device only
-    cos, sin = rotary(probe, positions.to(probe.device))  # [B, M, r]
+    if positions.dim() == 2:
+        positions = positions[:, None, None, :].expand(B, L, H, M)
+    probe = keys[:, 0, 0]  # dtype and device only
+    cos, sin = rotary(probe, positions.reshape(B, L * H * M).to(probe.device))  # [B, L*H*M, r]
     scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
-    cos, sin = (cos / scale)[:, None, None], (sin / scale)[:, None, None]  # [B, 1, 1, M, r]
+    cos, sin = (cos / scale).view(B, L, H, M, -1), (sin / scale).view(B, L, H, M, -1)
     r = cos.shape[-1]
     rot, rest = keys[..., :r], keys[..., r:]
     half = r // 2

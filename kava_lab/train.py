@@ -52,6 +52,25 @@ def make_compressor(cfg: RunConfig):
     return get_compressor(c.method, **kwargs)
 
 
+def pre_rope_keys(model, student_keys, teacher_keys, indices, student_batch, teacher_batch):
+    """Rotate student latent keys and kept teacher keys ``[B, L, H, M, d]`` back to position 0.
+
+    Student slot ``j`` sits at ``position_ids[:, P + j]``; a kept teacher entry at CoT index ``i`` (``indices``
+    ``[B, L, H, M]``) at the teacher's ``position_ids[:, P_t + i]``. A model without rotary embeddings is
+    returned unchanged."""
+    from .intervene import rotary_module, rotate_keys
+
+    rotary = rotary_module(model)
+    if rotary is None:
+        return student_keys, teacher_keys
+    P, M = student_batch.P, student_batch.M
+    s_pos = student_batch.position_ids[:, P:P + M]  # [B, M]
+    cot_pos = teacher_batch.position_ids[:, teacher_batch.P:]  # [B, S_t - P_t]
+    B, L, H, _ = indices.shape
+    t_pos = cot_pos.gather(1, indices.reshape(B, -1)).view(B, L, H, M)
+    return rotate_keys(student_keys, -s_pos, rotary), rotate_keys(teacher_keys.detach(), -t_pos, rotary)
+
+
 class KaVaObjective(nn.Module):
     """One training step's forward: teacher CE (+ signals), compression, student, all loss terms."""
 
@@ -75,7 +94,12 @@ class KaVaObjective(nn.Module):
         if self.compressor is not None:
             with torch.no_grad():
                 target = compress_extraction(teacher, self.compressor, student_batch.M, order=cfg.compress.order)
-            kv = kv_loss(student.latent_keys, student.latent_values, target.keys, target.values,
+            s_keys, t_keys = student.latent_keys, target.keys
+            if cfg.loss.kv_keys == "pre_rope":
+                s_keys, t_keys = pre_rope_keys(model, s_keys, t_keys, target.indices, student_batch, teacher_batch)
+            elif cfg.loss.kv_keys != "post_rope":
+                raise ValueError(f"loss.kv_keys must be 'post_rope' or 'pre_rope', found {cfg.loss.kv_keys!r}")
+            kv = kv_loss(s_keys, student.latent_values, t_keys, target.values,
                          target.slot_mask, kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std)
         return kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv)
 

@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kava_lab.config import apply_overrides, get_preset  # noqa: E402
-from kava_lab.evaluate import evaluate  # noqa: E402
-from kava_lab.intervene import INTERVENTIONS  # noqa: E402
+from kava_lab.evaluate import evaluate, evaluate_interventions  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
 
 
@@ -50,10 +49,10 @@ def _slim(summary: dict) -> dict:
 
 def evaluate_split(student, backbone, cfg, split: str, limit: int, interventions: bool) -> dict:
     examples = load_examples(cfg.data.eval, split=split, trace=cfg.data.trace, limit=limit)
-    out = {"plain": _slim(evaluate(student, backbone, cfg, examples, batch_size=64))}
-    if interventions and cfg.uses_latents:
-        out["interventions"] = {kind: _slim(evaluate(student, backbone, cfg, examples, batch_size=64,
-                                                     intervene=kind)) for kind in INTERVENTIONS}
+    results = evaluate_interventions(student, backbone, cfg, examples, kinds=None if interventions else ())
+    out = {"plain": _slim(results.pop("plain"))}
+    if results:
+        out["interventions"] = {kind: _slim(summary) for kind, summary in results.items()}
     return out
 
 

@@ -152,3 +152,49 @@ def test_evaluate_reports_interventions_and_accuracy_by_steps(backbone):
     assert swapped["forward_passes"] == plain["forward_passes"]
     with pytest.raises(ValueError, match="needs a latent method"):
         evaluate(student, backbone, get_preset("tiny", "nocot"), examples, intervene="zero")
+
+
+def test_evaluate_interventions_reports_each_kind_beside_the_plain_run(backbone):
+    from kava_lab.evaluate import evaluate_interventions
+
+    cfg = dataclasses.replace(get_preset("tiny", "kava", trace="nl"), latent=LatentConfig(mode="jacobi", M=4, T=1),
+                              max_new_tokens=3)
+    student = _student(backbone, M=4, T=1)
+    examples = make_synthetic(4, split="test", trace="nl")
+    out = evaluate_interventions(student, backbone, cfg, examples, batch_size=4)
+    assert list(out) == ["plain", "donor", "zero", "mean", "shuffle-slots"]
+    assert list(evaluate_interventions(student, backbone, cfg, examples, kinds=())) == ["plain"]
+    assert list(evaluate_interventions(student, backbone, get_preset("tiny", "nocot"), examples)) == ["plain"]
+
+
+def test_pre_rope_kv_keys_remove_the_position_and_train(backbone):
+    """With kv_keys=pre_rope, a student key equal to the teacher's pre-RoPE key gives zero key loss wherever
+    either sits; the objective runs and the KV term changes."""
+    from kava_lab.encoding import encode as enc
+    from kava_lab.train import KaVaObjective, pre_rope_keys
+
+    rotary = rotary_module(backbone.model)
+    torch.manual_seed(0)
+    k = torch.randn(2, 2, 2, 3, 16)
+    s_pos, t_pos = torch.tensor([[10, 11, 12], [20, 21, 22]]), torch.tensor([[3, 5, 9], [4, 4, 7]])
+    student_keys, teacher_keys = rotate_keys(k, s_pos, rotary), rotate_keys(k, t_pos, rotary)
+    assert not torch.allclose(student_keys, teacher_keys, atol=1e-3)
+    assert torch.allclose(rotate_keys(student_keys, -s_pos, rotary), rotate_keys(teacher_keys, -t_pos, rotary),
+                          atol=1e-5)
+
+    cfg = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(cfg, latent=LatentConfig(mode="jacobi", M=3, T=1))
+    items = [enc(e, backbone.tokenizer) for e in make_synthetic(3, trace="nl")]
+    collate = Collator.for_backbone(backbone)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=3)
+    terms = {}
+    for keys in ("post_rope", "pre_rope"):
+        c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kv_keys=keys))
+        torch.manual_seed(0)
+        student = Student(backbone.model, c.latent, eos_id=backbone.eos_id, eot_id=backbone.eot_id)
+        terms[keys] = KaVaObjective(student, c)(tb, sb)["kv"].item()
+    assert terms["pre_rope"] != pytest.approx(terms["post_rope"], rel=1e-4)
+    with pytest.raises(ValueError, match="kv_keys"):
+        c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kv_keys="rope"))
+        KaVaObjective(Student(backbone.model, c.latent, backbone.eos_id, backbone.eot_id), c)(tb, sb)
+    assert pre_rope_keys is not None
