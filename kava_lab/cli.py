@@ -1,7 +1,7 @@
 """``kava-lab``: the notebooks' jobs without Jupyter.
 
     kava-lab train --preset tiny --method kava --trace nl --seed 0 [--steps N] --out runs/kava-nl
-    kava-lab eval runs/kava-nl [--json]
+    kava-lab eval runs/kava-nl [--json] [--intervene all]
     kava-lab lab [--out runs/lab] [--small]     # the main job: every notebook through papermill
     kava-lab presets
 """
@@ -19,7 +19,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def _train(args) -> int:
-    from .config import METHODS, RunConfig, get_preset
+    from .config import METHODS, RunConfig, apply_overrides, get_preset
     from .evaluate import evaluate_run
     from .train import train
 
@@ -30,6 +30,7 @@ def _train(args) -> int:
         if args.method not in METHODS:
             raise SystemExit(f"--method must be one of {METHODS}, found {args.method!r}")
         cfg = get_preset(args.preset, args.method, trace=args.trace, seed=args.seed, steps=args.steps)
+        cfg = apply_overrides(cfg, args.overrides)
     train(cfg, out, resume=args.resume)
     if args.eval:
         print(json.dumps(evaluate_run(out), indent=2))
@@ -39,6 +40,8 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .evaluate import evaluate_run
 
+    if args.intervene:
+        return _intervene(args)
     summary = evaluate_run(args.run, eval_source=args.source, split=args.split, limit=args.limit,
                            batch_size=args.batch_size)
     if args.json:
@@ -46,6 +49,43 @@ def _eval(args) -> int:
     else:
         for key in ("method", "trace", "eval_source", "n", "accuracy", "forward_passes", "latency_ms", "kv_bytes"):
             print(f"{key:>15}: {summary[key]}")
+    return 0
+
+
+def _intervene(args) -> int:
+    """Accuracy of the untouched run next to each latent intervention (written to interventions*.json)."""
+    from .evaluate import evaluate_interventions
+    from .intervene import INTERVENTIONS
+    from .loaders import load_examples
+    from .train import load_run
+
+    kinds = INTERVENTIONS if "all" in args.intervene else tuple(dict.fromkeys(args.intervene))
+    student, backbone, cfg = load_run(args.run)
+    if not cfg.uses_latents:
+        raise SystemExit(f"{args.run}: --intervene needs a latent method (codi, pccot, kava); this run is "
+                         f"{cfg.method!r}")
+    source = args.source or cfg.data.eval
+    split = args.split or (cfg.data.eval_split if args.source is None else None)
+    examples = load_examples(source, split=split, trace=cfg.data.trace,
+                             limit=args.limit if args.limit is not None else cfg.data.eval_limit)
+    results = evaluate_interventions(student, backbone, cfg, examples, kinds=kinds, batch_size=args.batch_size)
+    name = "interventions.json" if args.source is None and args.split is None else \
+        f"interventions-{Path(str(source)).name.replace(':', '_')}-{split}.json"
+    record = {"run": str(args.run), "eval_source": str(source), "eval_split": split, "results": results}
+    (Path(args.run) / name).write_text(json.dumps(record, indent=1))
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    plain = results["plain"]["accuracy"]
+    print(f"{'intervention':>14}  accuracy  change   (n={results['plain']['n']}, {source}/{split})")
+    for kind, summary in results.items():
+        extra = ""
+        if kind == "donor" and summary.get("counterfactual_rate") is not None:
+            extra = (f"  counterfactual answer {summary['counterfactual_rate']:.1%}, donor's answer "
+                     f"{summary['donor_answer_rate']:.1%} of {summary['donor_rows']} distinguishable rows")
+        change = "" if kind == "plain" else f"{100 * (summary['accuracy'] - plain):+6.1f}"
+        print(f"{kind:>14}  {summary['accuracy']:7.1%}  {change:>6}{extra}")
+    print(f"written to {Path(args.run) / name}")
     return 0
 
 
@@ -104,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--eval", action="store_true", help="evaluate on the preset's eval set when done")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set latent.T=6 --set data.train=synthetic:3-6")
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("eval", help="evaluate a run folder")
@@ -113,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--intervene", nargs="+", choices=("donor", "zero", "mean", "shuffle-slots", "all"),
+                   help="also decode with the latent cache intervened on (donor swap, zeroed inputs, batch "
+                        "mean, shuffled slots); prints accuracy under each next to the untouched run")
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("lab", help="the main job: run every notebook with papermill into a run folder")

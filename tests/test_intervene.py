@@ -198,3 +198,27 @@ def test_pre_rope_kv_keys_remove_the_position_and_train(backbone):
         c = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kv_keys="rope"))
         KaVaObjective(Student(backbone.model, c.latent, backbone.eos_id, backbone.eot_id), c)(tb, sb)
     assert pre_rope_keys is not None
+
+
+def test_cli_eval_intervene_prints_and_writes_every_intervention(tmp_path, capsys):
+    import json
+
+    from kava_lab.cli import main
+    from kava_lab.config import DataConfig, OptimConfig
+
+    cfg = get_preset("tiny", "kava", trace="nl", steps=2)
+    cfg = dataclasses.replace(cfg, tiny=SMALL, stage0_steps=0, log_every=1, save_every=2,
+                              latent=LatentConfig(mode="jacobi", M=3, T=1), max_new_tokens=3,
+                              data=DataConfig(train="synthetic:2-3", train_limit=16, eval="synthetic:2-3",
+                                              eval_limit=6, trace="nl"),
+                              optim=OptimConfig(steps=2, batch_size=8, effective_batch=8))
+    from kava_lab.train import train
+
+    run = train(cfg, tmp_path / "run", log=lambda s: None)
+    assert main(["eval", str(run), "--intervene", "all"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("plain", "donor", "zero", "mean", "shuffle-slots"):
+        assert kind in out
+    record = json.loads((run / "interventions.json").read_text())
+    assert list(record["results"]) == ["plain", "donor", "zero", "mean", "shuffle-slots"]
+    assert record["results"]["plain"]["n"] == 6
