@@ -49,6 +49,10 @@ _NL = {
 
 
 SPLITS = ("train", "val", "test")
+# "any": each step picks any allowed operation (mostly + and -, which commute: a model can add the signed
+# operands in parallel, so longer chains add little serial depth); "alternate": additive and multiplicative
+# steps alternate, so the order of the operations matters at every step.
+OPS = ("any", "alternate")
 
 
 def _split_of(question: str) -> str:
@@ -64,23 +68,35 @@ MAX_VALUE = 60  # every intermediate stays in [1, MAX_VALUE] and operands are si
 # operands gave 7.7% CoT accuracy after 1,200 steps; up to 999 gave 3.3%)
 
 
-def _next_step(rng: random.Random, v: int) -> tuple[str, int, int]:
-    """Pick an operation and operand that keep every intermediate an integer in [1, MAX_VALUE]."""
+def _scalable(v: int) -> bool:
+    """A multiplicative step (* or /) can follow ``v``."""
+    return 2 * v <= MAX_VALUE or v % 2 == 0 or v % 3 == 0
+
+
+def _next_step(rng: random.Random, v: int, kind: str = "any") -> tuple[str, int, int]:
+    """Pick an operation and operand that keep every intermediate an integer in [1, MAX_VALUE].
+
+    ``kind``: "any" (every allowed operation), "additive" (+ or -, leaving a value that a multiplicative
+    step can follow), "multiplicative" (* or /; the caller guarantees one is possible)."""
     options = []
-    if v + 2 <= MAX_VALUE:
-        options.append("+")
-    if v > 2:
-        options.append("-")
-    if 2 * v <= MAX_VALUE:
-        options.append("*")
+    if kind != "multiplicative":
+        if v + 2 <= MAX_VALUE:
+            options.append("+")
+        if v > 2:
+            options.append("-")
+    if kind != "additive":
+        if 2 * v <= MAX_VALUE:
+            options.append("*")
+        if [b for b in range(2, 4) if v % b == 0]:
+            options.append("/")
     divisors = [b for b in range(2, 4) if v % b == 0]
-    if divisors:
-        options.append("/")
     op = rng.choice(options)
     if op == "+":
-        b = rng.randint(2, min(9, MAX_VALUE - v))
+        choices = range(2, min(9, MAX_VALUE - v) + 1)
+        b = rng.choice([b for b in choices if kind != "additive" or _scalable(v + b)] or list(choices))
     elif op == "-":
-        b = rng.randint(1, min(9, v - 1))
+        choices = range(1, min(9, v - 1) + 1)
+        b = rng.choice([b for b in choices if kind != "additive" or _scalable(v - b)] or list(choices))
     elif op == "*":
         b = rng.randint(2, max(2, min(3, MAX_VALUE // v)))
     else:
@@ -89,14 +105,19 @@ def _next_step(rng: random.Random, v: int) -> tuple[str, int, int]:
     return op, b, r
 
 
-def _problem(rng: random.Random, n_steps: int) -> tuple[str, list[str], list[str], list[int]]:
+def _problem(rng: random.Random, n_steps: int, ops: str = "any") -> tuple[str, list[str], list[str], list[int]]:
     name, pro, pos = rng.choice(NAMES)
     item = rng.choice(ITEMS)
     v = rng.randint(2, 30)
+    if ops == "alternate":  # start where a multiplicative step can follow the first additive one
+        v = rng.choice([x for x in range(2, 31) if any(_scalable(x + d) for d in range(-min(9, x - 1), 10))])
     question = [f"{name} has {v} {item}."]
     eq_steps, nl_steps, values = [], [], []
-    for _ in range(n_steps):
-        op, b, r = _next_step(rng, v)
+    for i in range(n_steps):
+        kind = "any" if ops == "any" else ("additive" if i % 2 == 0 else "multiplicative")
+        if kind == "multiplicative" and not _scalable(v):
+            kind = "any"  # cannot happen when the additive step found a scalable value; never stall
+        op, b, r = _next_step(rng, v, kind)
         fields = dict(Name=name, name=name, Pro=pro.capitalize(), pro=pro, pos="him" if pro == "he" else "her",
                       item=item, b=b, friends=f"{b - 1} friend" + ("s" if b > 2 else ""), eq=f"{v} {op} {b} = {r}")
         question.append(rng.choice(_Q[op]).format(**fields))
@@ -109,12 +130,14 @@ def _problem(rng: random.Random, n_steps: int) -> tuple[str, list[str], list[str
 
 
 def make_synthetic(n: int, split: str = "train", trace: str = "equation", seed: int = 0,
-                   min_steps: int = 2, max_steps: int = 4) -> list[Example]:
+                   min_steps: int = 2, max_steps: int = 4, ops: str = "any") -> list[Example]:
     """``n`` problems of ``split`` ("train" or "test"), with ``trace`` "equation" or "nl".
 
     The same (n, split, seed) always gives the same problems, and the two trace styles give the
     same problems in the same order.
     """
+    if ops not in OPS:
+        raise ValueError(f"synthetic ops must be one of {OPS}, found {ops!r}")
     if split not in SPLITS:
         raise ValueError(f"synthetic split must be one of {SPLITS}, found {split!r}")
     if not 1 <= min_steps <= max_steps:
@@ -125,7 +148,7 @@ def make_synthetic(n: int, split: str = "train", trace: str = "equation", seed: 
     out: list[Example] = []
     seen: set[str] = set()
     while len(out) < n:
-        question, eq_steps, nl_steps, values = _problem(rng, rng.randint(min_steps, max_steps))
+        question, eq_steps, nl_steps, values = _problem(rng, rng.randint(min_steps, max_steps), ops)
         if _split_of(question) != split or question in seen:
             continue
         seen.add(question)
@@ -136,28 +159,31 @@ def make_synthetic(n: int, split: str = "train", trace: str = "equation", seed: 
     return out
 
 
-def parse_spec(source: str) -> tuple[int, int]:
-    """``"synthetic"`` -> (2, 4); ``"synthetic:3-6"`` -> (3, 6); ``"synthetic:5"`` -> (5, 5)."""
+def parse_spec(source: str) -> tuple[int, int, str]:
+    """``"synthetic"`` -> (2, 4, "any"); ``"synthetic:3-6"`` -> (3, 6, "any"); ``"synthetic:5"`` -> (5, 5, "any");
+    ``"synthetic:3-6:alternate"`` -> (3, 6, "alternate")."""
     if source == "synthetic":
-        return 2, 4
-    head, _, spec = source.partition(":")
-    match = re.fullmatch(r"(\d+)(?:-(\d+))?", spec)
-    if head != "synthetic" or not match:
-        raise ValueError(f"synthetic source must be 'synthetic' or 'synthetic:MIN-MAX' (e.g. 'synthetic:3-6'), "
-                         f"found {source!r}")
+        return 2, 4, "any"
+    match = re.fullmatch(r"synthetic:(\d+)(?:-(\d+))?(?::(\w+))?", source)
+    if not match:
+        raise ValueError(f"synthetic source must be 'synthetic' or 'synthetic:MIN-MAX[:OPS]' (e.g. 'synthetic:3-6', "
+                         f"'synthetic:3-6:alternate'), found {source!r}")
     lo = int(match.group(1))
     hi = int(match.group(2) or lo)
+    ops = match.group(3) or "any"
     if not 1 <= lo <= hi:
         raise ValueError(f"synthetic source {source!r}: steps must satisfy 1 <= MIN <= MAX")
-    return lo, hi
+    if ops not in OPS:
+        raise ValueError(f"synthetic source {source!r}: OPS must be one of {OPS}, found {ops!r}")
+    return lo, hi, ops
 
 
 def load_synthetic(source: str, split: str | None, trace: str, limit: int | None) -> list[Example]:
-    """The ``load_examples`` entry for ``"synthetic[:MIN-MAX]"`` (``limit`` or 2000 train / 500 otherwise)."""
-    lo, hi = parse_spec(source)
+    """The ``load_examples`` entry for ``"synthetic[:MIN-MAX[:OPS]]"`` (``limit`` or 2000 train / 500 otherwise)."""
+    lo, hi, ops = parse_spec(source)
     split = split or "train"
     n = limit if limit is not None else (2000 if split == "train" else 500)
-    return make_synthetic(n, split=split, trace=trace, min_steps=lo, max_steps=hi)
+    return make_synthetic(n, split=split, trace=trace, min_steps=lo, max_steps=hi, ops=ops)
 
 
 _STEP = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/])\s*(\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")

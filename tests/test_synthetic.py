@@ -55,3 +55,41 @@ def test_parse_number(text, value):
                                         ("none", None), ("answer is 7.", 7)])
 def test_last_number(text, value):
     assert last_number(text) == value
+
+
+def test_step_spec_val_split_and_alternating_ops():
+    import re
+
+    from kava_lab.loaders import load_examples
+    from kava_lab.synthetic import OPS, n_steps, parse_spec
+
+    assert parse_spec("synthetic") == (2, 4, "any")
+    assert parse_spec("synthetic:3-6") == (3, 6, "any")
+    assert parse_spec("synthetic:5") == (5, 5, "any")
+    assert parse_spec("synthetic:3-6:alternate") == (3, 6, "alternate")
+    for bad in ("synthetic:6-3", "synthetic:0-2", "synthetic:3-6:mixed", "synth:3"):
+        with pytest.raises(ValueError, match="synthetic"):
+            parse_spec(bad)
+    splits = {s: load_examples("synthetic:3-6", split=s, trace="nl", limit=200) for s in ("train", "val", "test")}
+    questions = {s: {e.question for e in ex} for s, ex in splits.items()}
+    assert not questions["train"] & questions["val"] and not questions["train"] & questions["test"]
+    assert not questions["val"] & questions["test"]
+    assert {n_steps(e) for e in splits["val"]} == {3, 4, 5, 6}
+    alt = load_examples("synthetic:3-6:alternate", split="train", trace="equation", limit=300)
+    for e in alt:
+        ops = [re.match(r"<<\d+([-+*/])", s).group(1) for s in e.steps]
+        assert all((o in "+-") == (i % 2 == 0) for i, o in enumerate(ops)), (e.steps, ops)
+        assert all(1 <= v <= 60 and v == int(v) for v in e.step_values)
+    assert OPS == ("any", "alternate")
+
+
+def test_generator_output_is_pinned_to_its_version():
+    """If this fails, the generator's output changed: bump synthetic.VERSION (caches key on it) and update."""
+    import hashlib
+
+    from kava_lab.synthetic import VERSION
+
+    text = repr([(e.question, e.steps) for e in make_synthetic(300, trace="nl", min_steps=3, max_steps=6)]
+                + [(e.question, e.steps) for e in make_synthetic(100, "test")]
+                + [(e.question, e.steps) for e in make_synthetic(100, "val", ops="alternate")])
+    assert (VERSION, hashlib.sha1(text.encode()).hexdigest()[:12]) == (4, "57ce36bee4d1")
