@@ -57,7 +57,7 @@ def evaluate_split(student, backbone, cfg, split: str, limit: int, interventions
 
 
 def main(argv=None) -> dict:
-    from kava_lab.train import build_student, load_run, read_metrics, stage0_dir, train
+    from kava_lab.train import build_student, train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name")
@@ -71,6 +71,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--val-limit", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (a curve)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--existing", default=None, help="record an already trained run folder (e.g. a cached "
+                    "stage 0) instead of training; its own config is used")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "exp"))
     ap.add_argument("--results", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
@@ -86,6 +88,10 @@ def main(argv=None) -> dict:
     record_path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
 
+    if args.existing:
+        run_dir = Path(args.existing)
+        return record(args, run_dir, record_path, previous, overrides, train_minutes=None, stage0_minutes=0.0,
+                      curve=[])
     t_stage0 = time.perf_counter()
     student, backbone = build_student(cfg)  # trains and caches stage 0 on first use
     stage0_minutes = (time.perf_counter() - t_stage0) / 60
@@ -110,22 +116,33 @@ def main(argv=None) -> dict:
     train_minutes = (time.perf_counter() - t0) / 60
     if already and previous.get("train_minutes"):
         train_minutes = previous["train_minutes"]  # re-evaluation only
+    return record(args, run_dir, record_path, previous, overrides, train_minutes, stage0_minutes, curve)
+
+
+def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: list[str],
+           train_minutes: float | None, stage0_minutes: float, curve: list[dict]) -> dict:
+    from kava_lab.train import load_run, read_metrics, stage0_dir
 
     student, backbone, cfg = load_run(run_dir)
+    if cfg.data.trace == "both":  # stage 0 trains on both trace styles: evaluate the requested one
+        cfg = replace(cfg, data=replace(cfg.data, trace=args.trace))
     t1 = time.perf_counter()
     evals = {"val": evaluate_split(student, backbone, cfg, "val", args.val_limit, interventions=True)}
     if args.test:
         evals["test"] = evaluate_split(student, backbone, cfg, "test", cfg.data.eval_limit or 300,
                                        interventions=True)
     metrics = read_metrics(run_dir)
+    if train_minutes is None:  # an existing run: its own step times
+        train_minutes = sum(r["step_time_s"] for r in metrics) / 60
     tail = metrics[-50:]
     final_terms = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
                    if k in ("loss", "teacher_ce", "student_ce", "codi", "kv", "grad_norm")} if tail else {}
     record = {
         "name": args.name, "why": args.why or previous.get("why", ""), "method": cfg.method,
         "trace": cfg.data.trace, "seed": cfg.seed, "task": cfg.data.train, "overrides": overrides,
-        "steps": cfg.optim.steps, "stage0_steps": cfg.stage0_steps, "stage0_dir": stage0_dir(cfg).name,
+        "steps": cfg.optim.steps, "stage0_steps": cfg.stage0_steps, "stage0_dir": None if args.existing else stage0_dir(cfg).name,
         "train_minutes": round(train_minutes, 2), "stage0_minutes_this_call": round(stage0_minutes, 2),
+        "run_dir": str(run_dir) if args.existing else None,
         "eval_minutes": round((time.perf_counter() - t1) / 60, 2), "threads": torch.get_num_threads(),
         "median_step_s": sorted(r["step_time_s"] for r in metrics)[len(metrics) // 2] if metrics else None,
         "final_terms_last50": final_terms, "curve": curve, "evals": evals, "config": cfg.to_dict(),
