@@ -50,6 +50,26 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class CurriculumConfig:
+    """Replace CoT steps by latents stage by stage (Coconut-style; off by default and in the paper presets).
+
+    Optimizer step ``t`` is in stage ``s = t // stage_steps``. For ``s < stages`` the latents replace only the
+    first ``s`` CoT steps: the rest of the CoT is written after ``<eot>`` and trained with CE, and the KV target
+    covers only the replaced steps' tokens. From ``stages * stage_steps`` on the latents replace the whole CoT
+    (the ordinary student). Evaluation always uses the ordinary student."""
+
+    stages: int = 0  # 0: off
+    stage_steps: int = 0
+
+    def latent_steps(self, step: int) -> int | None:
+        """CoT steps the latents replace at optimizer step ``step`` (0-based); None: all of them."""
+        if self.stages <= 0 or self.stage_steps <= 0:
+            return None
+        stage = step // self.stage_steps
+        return stage if stage < self.stages else None
+
+
+@dataclass(frozen=True)
 class LoraSettings:
     enabled: bool = False  # False: full fine-tuning (tiny preset)
     r: int = 128
@@ -91,6 +111,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     encoding: EncodingConfig = field(default_factory=EncodingConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -118,6 +139,22 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def non_default(obj) -> dict:
+    """The fields of a (nested) config dataclass that differ from their defaults: a cache key that a new
+    field with a default does not change."""
+    default = type(obj)()
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = non_default(value)
+            if sub or not isinstance(getattr(default, f.name), type(value)):
+                out[f.name] = sub
+        elif value != getattr(default, f.name):
+            out[f.name] = value
+    return out
 
 
 def _build(cls, data: dict):

@@ -42,6 +42,7 @@ class Encoded:
     prompt: tuple[int, ...]
     answer: tuple[int, ...]
     example: Example | None = None
+    cot_step_lens: tuple[int, ...] = ()  # tokens of each CoT step (sums to len(cot)); () if unknown
 
 
 def cot_text(example: Example, cfg: EncodingConfig = EncodingConfig()) -> str:
@@ -55,9 +56,28 @@ def _ids(tokenizer, text: str) -> tuple[int, ...]:
     return tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
 
 
+def _step_lens(tokenizer, example: Example, cfg: EncodingConfig, n_tokens: int) -> tuple[int, ...]:
+    """Tokens per CoT step, from the fast tokenizer's character offsets (() if it gives none)."""
+    steps = list(example.steps[:-1] if cfg.drop_last and example.steps else example.steps)
+    text = " " + cfg.step_separator.join(steps)
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError):
+        return ()
+    starts, at = [], 1
+    for step in steps:
+        starts.append(at)
+        at += len(step) + len(cfg.step_separator)
+    lens = [0] * len(steps)
+    for _, end in offsets:  # a token belongs to the last step that starts before its end
+        lens[max(k for k, start in enumerate(starts) if start < end or k == 0)] += 1
+    return tuple(lens) if sum(lens) == n_tokens else ()
+
+
 def encode(example: Example, tokenizer, cfg: EncodingConfig = EncodingConfig(), with_cot: bool = True) -> Encoded:
     """Tokenise the pieces separately (later pieces with a leading space) so span boundaries are exact."""
     cot = _ids(tokenizer, " " + cot_text(example, cfg)) if with_cot and cot_text(example, cfg) else ()
+    step_lens = _step_lens(tokenizer, example, cfg, len(cot)) if cot else ()
     if cfg.max_cot_tokens is not None and len(cot) > cfg.max_cot_tokens:
         raise ValueError(f"example {example.id!r}: CoT has {len(cot)} tokens, more than max_cot_tokens="
                          f"{cfg.max_cot_tokens}; raise the limit or filter the data")
@@ -67,6 +87,7 @@ def encode(example: Example, tokenizer, cfg: EncodingConfig = EncodingConfig(), 
         prompt=_ids(tokenizer, " " + cfg.answer_prompt),
         answer=_ids(tokenizer, " " + example.answer) + (tokenizer.eos_token_id,),
         example=example,
+        cot_step_lens=step_lens,
     )
 
 
@@ -92,6 +113,9 @@ class Batch:
     answer_end: torch.Tensor  # [B] exclusive
     M: int = 0
     examples: list = field(default_factory=list)
+    # student batches under a curriculum: CoT tokens (from the start of the teacher's CoT) that the latents
+    # replace, [B]; None when the latents replace the whole CoT (the ordinary student)
+    cot_latent_len: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -131,19 +155,35 @@ class Collator:
     def for_backbone(cls, backbone) -> "Collator":
         return cls(backbone.tokenizer, backbone.bot_id, backbone.eot_id, backbone.latent_id, backbone.pad_id)
 
-    def __call__(self, items: list[Encoded], mode: str = "teacher", M: int = 0) -> Batch:
+    def __call__(self, items: list[Encoded], mode: str = "teacher", M: int = 0,
+                 latent_steps: int | None = None) -> Batch:
+        """``latent_steps`` (student, curriculum): the latents replace only the first ``latent_steps`` CoT
+        steps; the rest of the CoT is written after ``<eot>`` and trained with CE. None: the whole CoT."""
         if mode not in ("teacher", "student"):
             raise ValueError(f"mode must be 'teacher' or 'student', found {mode!r}")
-        prefixes, bodies, loss_from = [], [], []
+        prefixes, bodies, loss_from, explicit, replaced = [], [], [], [], []
         for it in items:
             if mode == "teacher":
                 prefixes.append(list(it.question))
                 bodies.append(list(it.cot) + list(it.prompt) + list(it.answer))
                 loss_from.append(0)
+                explicit.append([])
             else:
+                rest: list[int] = []
+                if latent_steps is not None and it.cot:
+                    if not it.cot_step_lens:
+                        name = it.example.id if it.example is not None else "?"
+                        raise ValueError(f"example {name!r}: a curriculum needs the CoT's step boundaries, and "
+                                         "this tokenizer gives no character offsets")
+                    k = sum(it.cot_step_lens[:latent_steps])
+                    rest = list(it.cot[k:])
+                    replaced.append(k)
+                else:
+                    replaced.append(len(it.cot))
                 prefixes.append(list(it.question) + [self.bot_id])
-                bodies.append([self.latent_id] * M + [self.eot_id] + list(it.prompt) + list(it.answer))
+                bodies.append([self.latent_id] * M + [self.eot_id] + rest + list(it.prompt) + list(it.answer))
                 loss_from.append(M + 1)
+                explicit.append(rest)
         P = max(len(p) for p in prefixes)
         S = P + max(len(b) for b in bodies)
         B = len(items)
@@ -159,7 +199,7 @@ class Collator:
             attention_mask[i, start:start + len(row)] = 1
             labels[i, P + loss_from[i]:P + len(body)] = torch.tensor(body[loss_from[i]:], dtype=torch.long)
             cot_len = len(it.cot) if mode == "teacher" else 0
-            prompt_start = P + (cot_len if mode == "teacher" else M + 1)
+            prompt_start = P + (cot_len if mode == "teacher" else M + 1 + len(explicit[i]))
             spans["q_start"][i] = start
             spans["cot_len"][i] = cot_len
             spans["prompt_start"][i] = prompt_start
@@ -167,8 +207,11 @@ class Collator:
             spans["answer_start"][i] = prompt_start + len(it.prompt)
             spans["answer_end"][i] = prompt_start + len(it.prompt) + len(it.answer)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cot_latent_len = (torch.tensor(replaced, dtype=torch.long)
+                          if mode == "student" and latent_steps is not None else None)
         return Batch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                     P=P, M=M if mode == "student" else 0, examples=[it.example for it in items], **spans)
+                     P=P, M=M if mode == "student" else 0, examples=[it.example for it in items],
+                     cot_latent_len=cot_latent_len, **spans)
 
 
 def without_answer(item: Encoded, keep_prompt: bool = True) -> Encoded:

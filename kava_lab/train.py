@@ -92,8 +92,13 @@ class KaVaObjective(nn.Module):
                 if cfg.loss.a1 > 0 else None)
         kv = None
         if self.compressor is not None:
+            kv_source = teacher
+            if student_batch.cot_latent_len is not None:  # curriculum: only the replaced steps are a target
+                n = teacher.cot_mask.shape[1]
+                covered = torch.arange(n, device=teacher.cot_mask.device)[None] < student_batch.cot_latent_len[:, None]
+                kv_source = dataclasses.replace(teacher, cot_mask=teacher.cot_mask & covered)
             with torch.no_grad():
-                target = compress_extraction(teacher, self.compressor, student_batch.M, order=cfg.compress.order)
+                target = compress_extraction(kv_source, self.compressor, student_batch.M, order=cfg.compress.order)
             s_keys, t_keys = student.latent_keys, target.keys
             if cfg.loss.kv_keys == "pre_rope":
                 s_keys, t_keys = pre_rope_keys(model, s_keys, t_keys, target.indices, student_batch, teacher_batch)
@@ -234,14 +239,18 @@ def stage0_config(cfg: RunConfig) -> RunConfig:
 
     base = replace(cfg, stage0_steps=0, stage0_lr=None, seed=0, data=replace(cfg.data, trace="both"),
                    optim=replace(cfg.optim, steps=cfg.stage0_steps, lr=cfg.stage0_lr or cfg.optim.lr), compress=type(cfg.compress)(),
-                   loss=type(cfg.loss)(), latent=type(cfg.latent)())
+                   loss=type(cfg.loss)(), latent=type(cfg.latent)(),
+                   curriculum=type(cfg.curriculum)())
     return with_method(replace(base, method="cot"), "cot")
 
 
 def stage0_dir(cfg: RunConfig) -> Path:
+    from .config import non_default
+
     s0 = stage0_config(cfg)
-    key = {k: v for k, v in s0.to_dict().items() if k not in ("method", "preset", "log_every", "save_every",
-                                                               "max_new_tokens")}
+    # Only fields that differ from their defaults: adding a defaulted config field keeps every cache key.
+    key = {k: v for k, v in non_default(s0).items() if k not in ("method", "preset", "log_every", "save_every",
+                                                                  "max_new_tokens")}
     if s0.data.train == "synthetic":
         from .synthetic import VERSION
 
@@ -361,7 +370,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
                 idx = _batch_indices(len(items), cfg.seed, step * accum + micro, cfg.optim.batch_size, world, rank)
                 chunk = [items[i] for i in idx]
                 tb = collate(chunk, "teacher").to(accelerator.device)
-                sb = collate(chunk, "student", M=M).to(accelerator.device) if cfg.uses_latents else None
+                latent_steps = cfg.curriculum.latent_steps(step)
+                sb = (collate(chunk, "student", M=M, latent_steps=latent_steps).to(accelerator.device)
+                      if cfg.uses_latents else None)
                 tokens += int(tb.attention_mask.sum()) + (int(sb.attention_mask.sum()) if sb is not None else 0)
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(objective)
                 with sync:
@@ -379,6 +390,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
             completed = step + 1
             dt = time.perf_counter() - t0
             record = {"step": completed, **sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      **({"curriculum_stage": cfg.curriculum.latent_steps(step)} if cfg.curriculum.stages else {}),
                       "tokens_per_s": tokens * world / dt, "step_time_s": dt}
             if torch.cuda.is_available():
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -1,0 +1,94 @@
+"""The stage curriculum: schedule, student batches with the remaining CoT written out, restricted KV target."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from kava_lab.backbone import TinyConfig
+from kava_lab.config import CurriculumConfig, LatentConfig, get_preset
+from kava_lab.encoding import Collator, encode
+from kava_lab.synthetic import make_synthetic
+
+
+def test_schedule():
+    off = CurriculumConfig()
+    assert [off.latent_steps(t) for t in (0, 500)] == [None, None]
+    c = CurriculumConfig(stages=3, stage_steps=10)
+    assert [c.latent_steps(t) for t in (0, 9, 10, 25, 29, 30, 1000)] == [0, 0, 1, 2, 2, None, None]
+
+
+def test_student_batch_writes_the_remaining_steps(tiny_backbone):
+    b = tiny_backbone
+    examples = make_synthetic(4, trace="nl", min_steps=4, max_steps=4)
+    items = [encode(e, b.tokenizer) for e in examples]
+    for it, e in zip(items, examples):
+        assert len(it.cot_step_lens) == 3 and sum(it.cot_step_lens) == len(it.cot)  # drop-last: 3 of 4 steps
+        first = b.tokenizer.decode(list(it.cot[:it.cot_step_lens[0]])).strip()
+        assert first == e.steps[0]
+    collate = Collator.for_backbone(b)
+    full = collate(items, "student", M=3)
+    assert full.cot_latent_len is None
+    # replacing every step is the ordinary student, token for token
+    every = collate(items, "student", M=3, latent_steps=3)
+    assert torch.equal(every.input_ids, full.input_ids) and torch.equal(every.labels, full.labels)
+    assert every.cot_latent_len.tolist() == [len(it.cot) for it in items]
+    one = collate(items, "student", M=3, latent_steps=1)
+    for i, it in enumerate(items):
+        rest = list(it.cot[it.cot_step_lens[0]:])
+        start = one.P + 3 + 1  # after the latents and <eot>
+        assert one.input_ids[i, start:start + len(rest)].tolist() == rest
+        assert one.labels[i, start:start + len(rest)].tolist() == rest  # the written steps are trained
+        assert int(one.prompt_start[i]) == start + len(rest)
+        assert int(one.cot_latent_len[i]) == it.cot_step_lens[0]
+
+
+def test_kv_target_covers_only_the_replaced_steps(tiny_backbone):
+    from kava_lab.compress import compress_extraction
+    from kava_lab.student import Student
+    from kava_lab.teacher import extract_teacher
+    from kava_lab.train import KaVaObjective, make_compressor
+
+    b = tiny_backbone
+    cfg = dataclasses.replace(get_preset("tiny", "kava", trace="nl"), latent=LatentConfig(mode="jacobi", M=4, T=1))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(3, trace="nl", min_steps=4, max_steps=4)]
+    collate = Collator.for_backbone(b)
+    tb = collate(items, "teacher")
+    student = Student(b.model, cfg.latent, eos_id=b.eos_id, eot_id=b.eot_id)
+    objective = KaVaObjective(student, cfg)
+    assert objective(tb, collate(items, "student", M=4, latent_steps=0))["kv"].item() == 0.0  # nothing replaced
+    sb = collate(items, "student", M=4, latent_steps=1)
+    ext = extract_teacher(b.model, tb)
+    n = ext.cot_mask.shape[1]
+    covered = torch.arange(n)[None] < sb.cot_latent_len[:, None]
+    target = compress_extraction(dataclasses.replace(ext, cot_mask=ext.cot_mask & covered), make_compressor(cfg), 4)
+    limit = sb.cot_latent_len[:, None, None, None].expand_as(target.indices)
+    assert (target.indices[target.slot_mask] < limit[target.slot_mask]).all()
+    assert objective(tb, sb)["kv"].item() > 0
+
+
+def test_training_with_a_curriculum_logs_its_stage(tmp_path):
+    from kava_lab.train import read_metrics, train
+
+    cfg = get_preset("tiny", "kava", trace="nl", steps=4)
+    cfg = dataclasses.replace(
+        cfg, tiny=TinyConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128),
+        stage0_steps=0, log_every=1, save_every=4, latent=dataclasses.replace(cfg.latent, M=3, T=1),
+        curriculum=CurriculumConfig(stages=2, stage_steps=1),
+        data=dataclasses.replace(cfg.data, train="synthetic:3-3", train_limit=32),
+        optim=dataclasses.replace(cfg.optim, batch_size=8, effective_batch=8))
+    train(cfg, tmp_path / "run", log=lambda s: None)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["curriculum_stage"] for r in rows] == [0, 1, None, None]
+    assert rows[0]["kv"] == 0.0 and rows[1]["kv"] > 0
+
+
+def test_stage0_key_ignores_defaults_and_latent_settings():
+    from kava_lab.config import RunConfig, apply_overrides, non_default
+    from kava_lab.train import stage0_dir
+
+    assert non_default(RunConfig()) == {}
+    cfg = get_preset("tiny", "kava")
+    same = apply_overrides(cfg, ["loss.codi_norm=examples", "latent.T=12", "curriculum.stages=3"])
+    assert stage0_dir(same) == stage0_dir(cfg)  # stage 0 resets these, so it is shared
+    assert stage0_dir(apply_overrides(cfg, ["data.train=synthetic:3-6"])) != stage0_dir(cfg)
