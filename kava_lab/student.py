@@ -94,21 +94,31 @@ class Student(nn.Module):
                          past_key_values=cache, use_cache=True, output_hidden_states=True)
         return out.past_key_values, out.hidden_states[-1]
 
-    def latent_loop(self, batch: Batch, record: bool = False) -> LatentState:
-        """Run the latent reasoning of a student batch (prefix + M latent columns), no answer yet."""
+    def latent_loop(self, batch: Batch, record: bool = False, question_cache=None) -> LatentState:
+        """Run the latent reasoning of a student batch (prefix + M latent columns), no answer yet.
+
+        ``question_cache`` (training): a cache holding exactly the question columns ``[0, P - 1)`` of this
+        batch, e.g. the teacher's cache cropped to its question (the teacher batch puts every question in the
+        same columns). The prefill then runs ``[<bot>, latents]`` on top of it instead of re-encoding the
+        question: the same values and, since both losses then read one tensor, the same gradients."""
         P, M, cfg = batch.P, batch.M, self.cfg
         ids, am, pos = batch.input_ids, batch.attention_mask, batch.position_ids
+        start = 0 if question_cache is None else P - 1  # first column this prefill encodes
+        if question_cache is not None and question_cache.get_seq_length() != P - 1:
+            raise ValueError(f"question_cache holds {question_cache.get_seq_length()} columns; the student batch's "
+                             f"question spans {P - 1}")
         trajectory: list[dict] = []
         if cfg.mode == "jacobi":
-            out = self.model(input_ids=ids[:, :P + M], attention_mask=am[:, :P + M], position_ids=pos[:, :P + M],
-                             use_cache=True, output_hidden_states=True)
-            h = out.hidden_states[-1]  # [B, P+M, D]
+            out = self.model(input_ids=ids[:, start:P + M], attention_mask=am[:, :P + M],
+                             position_ids=pos[:, start:P + M], past_key_values=question_cache, use_cache=True,
+                             output_hidden_states=True)
+            h = out.hidden_states[-1]  # [B, P+M-start, D]
             cache, passes = out.past_key_values, 1
             if record:
-                trajectory.append({"inputs": None, "outputs": h[:, P:P + M].detach()})
+                trajectory.append({"inputs": None, "outputs": h[:, P - start:P + M - start].detach()})
             if cfg.T == 0:  # pause tokens: the placeholders' own cache is the latent cache
                 return LatentState(cache, self.model.get_input_embeddings()(ids[:, P:P + M]), passes, trajectory)
-            z = self.projection(h[:, P - 1:P + M - 1])  # [B, M, D] shifted: z_1 from <bot>
+            z = self.projection(h[:, P - 1 - start:P + M - 1 - start])  # [B, M, D] shifted: z_1 from <bot>
             cache.crop(-M)  # keep [question, <bot>]
             for t in range(cfg.T):
                 pass_cache, o = self._run(fork_cache(cache), z, am[:, :P + M], pos[:, P:P + M])
@@ -119,10 +129,10 @@ class Student(nn.Module):
                     z = torch.cat([z[:, :1], self.projection(o[:, :-1])], 1)
             return LatentState(pass_cache, z, passes, trajectory)
         if cfg.mode == "sequential":
-            out = self.model(input_ids=ids[:, :P], attention_mask=am[:, :P], position_ids=pos[:, :P],
-                             use_cache=True, output_hidden_states=True)
+            out = self.model(input_ids=ids[:, start:P], attention_mask=am[:, :P], position_ids=pos[:, start:P],
+                             past_key_values=question_cache, use_cache=True, output_hidden_states=True)
             cache, passes = out.past_key_values, 1
-            z = self.projection(out.hidden_states[-1][:, P - 1:P])  # [B, 1, D] from <bot>
+            z = self.projection(out.hidden_states[-1][:, P - 1 - start:P - start])  # [B, 1, D] from <bot>
             inputs = []
             for i in range(M):
                 inputs.append(z)
@@ -135,10 +145,11 @@ class Student(nn.Module):
         raise ValueError(f"latent mode {cfg.mode!r} has no latent loop; expected 'jacobi' or 'sequential'")
 
     # ------------------------------------------------------------------------------------- training
-    def forward(self, batch: Batch, record: bool = False) -> StudentOutput:
-        """Answer CE, the final latent K/V (with gradients) and anchor hidden states for a student batch."""
+    def forward(self, batch: Batch, record: bool = False, question_cache=None) -> StudentOutput:
+        """Answer CE, the final latent K/V (with gradients) and anchor hidden states for a student batch.
+        ``question_cache``: see :meth:`latent_loop`."""
         P, M = batch.P, batch.M
-        state = self.latent_loop(batch, record=record)
+        state = self.latent_loop(batch, record=record, question_cache=question_cache)
         keys, values = stack_kv(state.cache, P, P + M)
         out = self.model(input_ids=batch.input_ids[:, P + M:], attention_mask=batch.attention_mask,
                          position_ids=batch.position_ids[:, P + M:], past_key_values=state.cache,

@@ -89,6 +89,7 @@ class TeacherOutput:
     answer_logits: torch.Tensor  # [B, L, H_q, A, N] = q.k * scaling (unmasked)
     anchor_hidden: torch.Tensor  # [B, L, D]
     cot_ids: torch.Tensor  # [B, N] token ids of the CoT span (pad where masked)
+    cache: object = None  # the pass's KV cache (with gradients when trained), only if asked; never saved
 
     _SAVED = ("cot_keys", "cot_values", "cot_mask", "answer_queries", "answer_mask", "answer_logits",
               "anchor_hidden", "cot_ids")
@@ -113,7 +114,7 @@ class TeacherOutput:
         from safetensors.torch import load_file
 
         t = load_file(str(path), device=str(device))
-        missing = [f.name for f in fields(cls) if f.name not in t]
+        missing = [f.name for f in fields(cls) if f.name not in t and f.name != "cache"]
         if missing:
             raise ValueError(f"{path}: not a teacher extraction, missing tensors {missing}")
         t["cot_mask"], t["answer_mask"] = t["cot_mask"].bool(), t["answer_mask"].bool()
@@ -127,8 +128,9 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], d))
 
 
-def extract_teacher(model, batch: Batch, with_grad: bool = False) -> TeacherOutput:
-    """Run the teacher on a padded teacher batch and return its CE and the detached signals above."""
+def extract_teacher(model, batch: Batch, with_grad: bool = False, keep_cache: bool = False) -> TeacherOutput:
+    """Run the teacher on a padded teacher batch and return its CE and the detached signals above.
+    ``keep_cache``: also return the pass's cache (the student can reuse its question columns)."""
     cot_n = int(batch.cot_len.max())
     a_index, a_mask = batch.answer_index()  # [B, A]
     P = batch.P
@@ -150,4 +152,4 @@ def extract_teacher(model, batch: Batch, with_grad: bool = False) -> TeacherOutp
     cot_ids = batch.input_ids[:, P:P + cot_n]
     return TeacherOutput(ce=out.loss, cot_keys=keys, cot_values=values, cot_mask=batch.cot_mask,
                          answer_queries=q, answer_mask=a_mask, answer_logits=logits,
-                         anchor_hidden=anchor.detach(), cot_ids=cot_ids)
+                         anchor_hidden=anchor.detach(), cot_ids=cot_ids, cache=cache if keep_cache else None)

@@ -71,6 +71,23 @@ def pre_rope_keys(model, student_keys, teacher_keys, indices, student_batch, tea
     return rotate_keys(student_keys, -s_pos, rotary), rotate_keys(teacher_keys.detach(), -t_pos, rotary)
 
 
+def question_columns(cache, teacher_batch, student_batch):
+    """The teacher cache cropped to the question, for the student's prefill; None when the layouts differ.
+
+    Both batches left-pad their prefix, so every question sits in columns ``[0, P_t)`` of the teacher batch
+    and ``[0, P_s - 1)`` of the student batch (``<bot>`` follows it): the same columns when
+    ``P_s == P_t + 1`` and the rows hold the same examples."""
+    if cache is None or student_batch.P != teacher_batch.P + 1 or len(student_batch) != len(teacher_batch):
+        return None
+    if not torch.equal(student_batch.input_ids[:, :teacher_batch.P], teacher_batch.input_ids[:, :teacher_batch.P]):
+        return None
+    from .student import fork_cache
+
+    question = fork_cache(cache)
+    question.crop(-(question.get_seq_length() - teacher_batch.P))
+    return question
+
+
 class KaVaObjective(nn.Module):
     """One training step's forward: teacher CE (+ signals), compression, student, all loss terms."""
 
@@ -86,8 +103,10 @@ class KaVaObjective(nn.Module):
             out = model(input_ids=teacher_batch.input_ids, attention_mask=teacher_batch.attention_mask,
                         position_ids=teacher_batch.position_ids, labels=teacher_batch.labels)
             return kava_objective(cfg.loss, out.loss)
-        teacher = extract_teacher(model, teacher_batch, with_grad=True)
-        student = self.student(student_batch)
+        teacher = extract_teacher(model, teacher_batch, with_grad=True, keep_cache=True)
+        student = self.student(student_batch, question_cache=question_columns(teacher.cache, teacher_batch,
+                                                                               student_batch))
+        teacher.cache = None
         codi = (codi_loss(student.anchor_hidden, teacher.anchor_hidden, cfg.loss.codi_norm)
                 if cfg.loss.a1 > 0 else None)
         kv = None

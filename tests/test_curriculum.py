@@ -92,3 +92,41 @@ def test_stage0_key_ignores_defaults_and_latent_settings():
     same = apply_overrides(cfg, ["loss.codi_norm=examples", "latent.T=12", "curriculum.stages=3"])
     assert stage0_dir(same) == stage0_dir(cfg)  # stage 0 resets these, so it is shared
     assert stage0_dir(apply_overrides(cfg, ["data.train=synthetic:3-6"])) != stage0_dir(cfg)
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "sequential"])
+def test_sharing_the_teachers_question_cache_changes_neither_losses_nor_gradients(tiny_backbone, mode):
+    """The student's prefill on the teacher's question columns equals re-encoding the question."""
+    from kava_lab.student import Student
+    from kava_lab.train import KaVaObjective, question_columns
+
+    b = tiny_backbone
+    cfg = get_preset("tiny", "kava" if mode == "jacobi" else "codi", trace="nl")
+    cfg = dataclasses.replace(cfg, latent=dataclasses.replace(cfg.latent, M=4, T=2))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(4, trace="nl", min_steps=2, max_steps=5)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    student = Student(b.model, cfg.latent, eos_id=b.eos_id, eot_id=b.eot_id)
+    objective = KaVaObjective(student, cfg)
+    results = []
+    for share in (True, False):
+        import kava_lab.train as T
+        original = T.question_columns
+        if not share:
+            T.question_columns = lambda *a: None
+        try:
+            student.zero_grad()
+            terms = objective(tb, sb)
+            terms["loss"].backward()
+        finally:
+            T.question_columns = original
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        results.append(({k: v.item() for k, v in terms.items()}, grads))
+    (shared, g1), (separate, g2) = results
+    for k in separate:
+        assert shared[k] == pytest.approx(separate[k], rel=1e-5, abs=1e-6), k
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-6), n
+    assert question_columns(None, tb, sb) is None
+    assert question_columns(object(), tb, collate(items[:2], "student", M=4)) is None  # other rows: no sharing
