@@ -203,7 +203,7 @@ def _tiny() -> RunConfig:
         latent=LatentConfig(M=12, T=3),
         loss=LossConfig(a1=10.0, a2=1.0),
         optim=OptimConfig(lr=1e-3, steps=400, batch_size=32, effective_batch=32, warmup_ratio=0.03),
-        max_new_tokens=96,
+        max_new_tokens=160,  # a 6-step NL trace and its answer take up to ~105 tokens (96 truncated them)
     )
 
 

@@ -71,6 +71,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--val-limit", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (a curve)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--eval-set", dest="eval_overrides", action="append", default=[],
+                    help="override applied at evaluation only, e.g. max_new_tokens=160")
     ap.add_argument("--existing", default=None, help="record an already trained run folder (e.g. a cached "
                     "stage 0) instead of training; its own config is used")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "exp"))
@@ -88,10 +90,14 @@ def main(argv=None) -> dict:
     record_path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
 
-    if args.existing:
+    if args.existing:  # re-evaluate (e.g. with --eval-set); keep what the earlier record says of the training
         run_dir = Path(args.existing)
-        return record(args, run_dir, record_path, previous, overrides, train_minutes=None, stage0_minutes=0.0,
-                      curve=[])
+        if previous.get("run_dir") in (None, str(run_dir)) and previous.get("overrides") is not None and \
+                not overrides:
+            overrides = previous["overrides"]
+        return record(args, run_dir, record_path, previous, overrides,
+                      train_minutes=previous.get("train_minutes"), stage0_minutes=0.0,
+                      curve=previous.get("curve", []))
     t_stage0 = time.perf_counter()
     student, backbone = build_student(cfg)  # trains and caches stage 0 on first use
     stage0_minutes = (time.perf_counter() - t_stage0) / 60
@@ -126,6 +132,7 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
     student, backbone, cfg = load_run(run_dir)
     if cfg.data.trace == "both":  # stage 0 trains on both trace styles: evaluate the requested one
         cfg = replace(cfg, data=replace(cfg.data, trace=args.trace))
+    cfg = apply_overrides(cfg, args.eval_overrides)
     t1 = time.perf_counter()
     evals = {"val": evaluate_split(student, backbone, cfg, "val", args.val_limit, interventions=True)}
     if args.test:
@@ -142,7 +149,8 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
         "trace": cfg.data.trace, "seed": cfg.seed, "task": cfg.data.train, "overrides": overrides,
         "steps": cfg.optim.steps, "stage0_steps": cfg.stage0_steps, "stage0_dir": None if args.existing else stage0_dir(cfg).name,
         "train_minutes": round(train_minutes, 2), "stage0_minutes_this_call": round(stage0_minutes, 2),
-        "run_dir": str(run_dir) if args.existing else None,
+        "run_dir": str(run_dir) if args.existing else previous.get("run_dir"),
+        "eval_overrides": list(args.eval_overrides), "max_new_tokens": cfg.max_new_tokens,
         "eval_minutes": round((time.perf_counter() - t1) / 60, 2), "threads": torch.get_num_threads(),
         "median_step_s": sorted(r["step_time_s"] for r in metrics)[len(metrics) // 2] if metrics else None,
         "final_terms_last50": final_terms, "curve": curve, "evals": evals, "config": cfg.to_dict(),
