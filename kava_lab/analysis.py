@@ -268,7 +268,7 @@ def _take(ext, index: Tensor):
     from .teacher import TeacherOutput
 
     kw = {f.name: getattr(ext, f.name) for f in fields(TeacherOutput)}
-    return TeacherOutput(**{k: (v if k == "ce" else v.index_select(0, index)) for k, v in kw.items()})
+    return TeacherOutput(**{k: (v if k == "ce" or v is None else v.index_select(0, index)) for k, v in kw.items()})
 
 
 def extract_many(backbone, examples: Sequence, batch_size: int = 4, cfg: EncodingConfig = EncodingConfig(),

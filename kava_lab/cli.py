@@ -26,11 +26,20 @@ def _train(args) -> int:
     out = Path(args.out)
     if args.resume and (out / "config.json").exists():
         cfg = RunConfig.load(out / "config.json")
+        asked = {"--method": (args.method, cfg.method), "--steps": (args.steps, cfg.optim.steps),
+                 "--trace": (args.trace, cfg.data.trace), "--seed": (args.seed, cfg.seed)}
+        clash = [f"{flag} {want} (the run has {have})" for flag, (want, have) in asked.items()
+                 if want is not None and want != have]
+        if clash or args.overrides:
+            raise SystemExit(f"kava-lab train --resume continues {out} exactly as it was configured; it cannot "
+                             f"change {', '.join(clash + [f'--set {o}' for o in args.overrides])}. Train into a new "
+                             "folder instead")
     else:
-        if args.method not in METHODS:
-            raise SystemExit(f"--method must be one of {METHODS}, found {args.method!r}")
-        cfg = get_preset(args.preset, args.method, trace=args.trace, seed=args.seed, steps=args.steps)
-        cfg = apply_overrides(cfg, args.overrides)
+        method = args.method or "kava"
+        if method not in METHODS:
+            raise SystemExit(f"--method must be one of {METHODS}, found {method!r}")
+        cfg = get_preset(args.preset, method, trace=args.trace, seed=args.seed or 0, steps=args.steps)
+        cfg = apply_overrides(cfg, args.overrides + ([f"save_every={args.save_every}"] if args.save_every else []))
     train(cfg, out, resume=args.resume)
     if args.eval:
         print(json.dumps(evaluate_run(out), indent=2))
@@ -137,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="train one method on a preset into a run folder")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--method", default="kava")
+    p.add_argument("--method", default=None, help="cot, nocot, codi, pccot or kava (default kava)")
     p.add_argument("--trace", choices=("equation", "nl"), default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: the preset's)")
     p.add_argument("--eval", action="store_true", help="evaluate on the preset's eval set when done")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set latent.T=6 --set data.train=synthetic:3-6")
@@ -170,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_presets)
 
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # a clear line, not a traceback
+        print(f"kava-lab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -157,14 +157,18 @@ def evaluate_run(run_dir: str | Path, eval_source: str | None = None, split: str
 
     run_dir = Path(run_dir)
     student, backbone, cfg = load_run(run_dir, device=device)
+    own = eval_source is None and split is None  # the run's own eval set: eval.json; anything else: its own file
     source = eval_source or cfg.data.eval
-    split = split if eval_source else cfg.data.eval_split
+    split = split if (eval_source or split) else cfg.data.eval_split
     trace = trace or (cfg.data.trace if cfg.data.trace != "both" else "equation")
     examples = load_examples(source, split=split, trace=trace,
                              limit=limit if limit is not None else cfg.data.eval_limit)
+    if not examples:
+        raise ValueError(f"no examples to evaluate: {source!r} split {split!r} is empty")
+    tag = "" if own else f"-{Path(str(source)).name.replace(':', '_')}-{split}"
     summary = evaluate(student, backbone, cfg, examples, batch_size=batch_size,
-                       predictions_path=run_dir / "predictions.jsonl" if write else None)
+                       predictions_path=run_dir / f"predictions{tag}.jsonl" if write else None)
     summary.update({"run": str(run_dir), "eval_source": source, "eval_split": split})
     if write:
-        (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / f"eval{tag}.json").write_text(json.dumps(summary, indent=2))
     return summary

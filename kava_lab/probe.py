@@ -769,7 +769,7 @@ def demo_run(method: str = "kava", small: bool | None = None, log: Callable[[str
         return run_dir
     log(f"training a short {method} demo run into {run_dir}: stage 0 {cfg.stage0_steps} steps (cached when "
         f"already built), then {cfg.optim.steps} steps on {cfg.data.train_limit} problems")
-    return train(cfg, run_dir, resume=True, log=log)
+    return train(cfg, run_dir, resume="auto", log=log)
 
 
 # ------------------------------------------------------------------------------------------------ figures

@@ -22,6 +22,8 @@ import os
 import platform
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -216,12 +218,23 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, step
     from safetensors.torch import save_file
 
     final, tmp, old = run_dir / "checkpoint", run_dir / f"checkpoint.tmp-{os.getpid()}", run_dir / "checkpoint.old"
+    state = trainable_state(module)
+    bad = [name for name, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLoss(f"refusing to save step {step} to {run_dir}: non-finite weights in {bad[:3]}; the "
+                            "last good checkpoint is kept")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / "state.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    try:
+        tmp.mkdir()
+        save_file(state, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   tmp / "state.pt")
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
+        raise OSError(f"could not write the step-{step} checkpoint to {run_dir} ({exc}); {free / 2**20:.0f} MiB "
+                      "free on that disk: is it full? The previous checkpoint is untouched") from exc
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -239,7 +252,14 @@ def checkpoint_path(run_dir: Path) -> Path | None:
 def load_trainable(module: nn.Module, ckpt: Path) -> None:
     from safetensors.torch import load_file
 
-    saved = load_file(str(ckpt / "trainable.safetensors"))
+    path = ckpt / "trainable.safetensors"
+    try:
+        saved = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated or garbage files
+        raise ValueError(f"{path}: unreadable checkpoint weights ({exc}); the file is truncated or corrupt") from exc
+    bad = [name for name, t in saved.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: non-finite values in {bad[:3]}: this checkpoint is corrupt")
     params = dict(module.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     unknown = [n for n in saved if n not in params]
@@ -290,7 +310,7 @@ def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
         s0 = stage0_config(cfg)
         log(f"stage 0: training the {cfg.backbone} backbone with CoT for {s0.optim.steps} steps -> {folder}")
         student, backbone = build_student(s0)
-        train(s0, folder / "run", resume=True, student_backbone=(student, backbone), log=log)
+        train(s0, folder / "run", resume="auto", student_backbone=(student, backbone), log=log)
         tmp = folder / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         student.model.save_pretrained(tmp)
@@ -312,19 +332,38 @@ def _batch_indices(n: int, seed: int, global_micro: int, batch_size: int, world:
     return out
 
 
-def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
+def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
           callback: Callable[[dict], None] | None = None, student_backbone=None,
           log: Callable[[str], None] = print) -> Path:
-    """Train ``cfg`` into ``out_dir``; returns the run folder. ``callback(metrics)`` sees every logged step."""
+    """Train ``cfg`` into ``out_dir``; returns the run folder. ``callback(metrics)`` sees every logged step.
+
+    ``resume``: False starts a new run (refused if the folder already holds a checkpoint, a config or metrics);
+    True continues from the folder's checkpoint (refused if there is none); "auto" does either (caches).
+    SIGTERM and SIGINT save the last completed step; a non-finite loss or gradient stops the run before the
+    update, keeping the last good checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from transformers import get_cosine_schedule_with_warmup
 
     run_dir = Path(out_dir)
+    if cfg.optim.steps < 1:
+        raise ValueError(f"optim.steps must be at least 1, found {cfg.optim.steps}")
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', found {resume!r}")
     ckpt = checkpoint_path(run_dir) if run_dir.exists() else None
     if ckpt is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds a checkpoint; pass resume=True (--resume) to continue it "
                               "or choose another folder")
+    leftovers = [p.name for p in (run_dir / "config.json", run_dir / "metrics.jsonl") if p.exists()]
+    if ckpt is None and resume is True:
+        raise FileNotFoundError(f"{run_dir}: nothing to resume, no checkpoint found (a checkpoint is written every "
+                                f"{cfg.save_every} steps and on a crash){'; the folder holds ' + ', '.join(leftovers) if leftovers else ''}. "
+                                "Train without --resume into a new folder")
+    if ckpt is None and leftovers:
+        raise FileExistsError(f"{run_dir} holds {', '.join(leftovers)} but no checkpoint: another run was started "
+                              "here. Choose another folder, or delete this one to start again")
+    for stale in run_dir.glob("checkpoint.tmp-*") if run_dir.exists() else ():
+        shutil.rmtree(stale, ignore_errors=True)  # a save that died half-way; the real checkpoint is intact
     if ckpt is not None:
         saved = RunConfig.load(run_dir / "config.json")
         if saved != cfg:
@@ -363,7 +402,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
     start = 0
     if ckpt is not None:
         load_trainable(accelerator.unwrap_model(objective).student, ckpt)
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        try:
+            state = torch.load(ckpt / "state.pt", weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"{ckpt / 'state.pt'}: unreadable optimizer/scheduler state ({exc}); the file is "
+                             "truncated or corrupt") from exc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -379,6 +422,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
     completed, last_saved = start, start
     unwrapped = accelerator.unwrap_model(objective)
+    previous_sigterm = _catch_sigterm()
     try:
         for step in range(start, cfg.optim.steps):
             t0 = time.perf_counter()
@@ -403,6 +447,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() / accum
             grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+            if not torch.isfinite(torch.as_tensor(grad_norm)).all():
+                optimizer.zero_grad(set_to_none=True)  # the update is never applied
+                raise NonFiniteLoss(f"step {step + 1}: gradient norm is {float(grad_norm)} with finite loss terms")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -430,7 +477,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
         # The model and optimizer hold the state after `completed` steps (the failing step never updated
         # them): save it so the run can be resumed, unless that step is already saved.
         if accelerator.is_main_process and completed > last_saved:
-            save_checkpoint(run_dir, unwrapped.student, optimizer, scheduler, completed)
+            try:
+                save_checkpoint(run_dir, unwrapped.student, optimizer, scheduler, completed)
+            except NonFiniteLoss as refused:  # never replace a good checkpoint with non-finite weights
+                log(str(refused))
+                completed = last_saved
         if isinstance(exc, NonFiniteLoss):
             raise NonFiniteLoss(f"{exc}; stopped. The last good checkpoint (step {completed}) is in "
                                 f"{run_dir / 'checkpoint'}") from None
@@ -438,7 +489,24 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False,
     finally:
         if metrics_file is not None:
             metrics_file.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return run_dir
+
+
+class Terminated(BaseException):
+    """SIGTERM (what schedulers send) arrived: the loop saves its last completed step, then stops."""
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into :class:`Terminated` in the main thread; returns the previous handler (or None)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated(f"SIGTERM received (signal {signum}); the last completed step is saved")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def load_run(run_dir: str | Path, device=None) -> tuple[Student, Backbone, RunConfig]:
