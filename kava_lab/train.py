@@ -391,6 +391,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
 
     student, backbone = student_backbone or build_student(cfg)
     examples = load_train_examples(cfg)
+    if not examples:
+        raise ValueError(f"no training examples: {cfg.data.train!r} split {cfg.data.train_split!r} is empty")
     items = encode_all(examples, backbone.tokenizer, cfg)
     collate = Collator.for_backbone(backbone)
     objective = KaVaObjective(student, cfg)

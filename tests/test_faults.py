@@ -146,3 +146,14 @@ def test_cli_rejects_bad_input_with_a_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--method pccot"):
         cli(["train", "--out", str(tmp_path / "d"), "--resume", "--method", "pccot"])
     assert threading.current_thread() is threading.main_thread()
+
+
+def test_empty_data_is_refused_by_name(tmp_path):
+    import dataclasses
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = small_cfg(steps=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(empty), train_split=None))
+    with pytest.raises(ValueError, match="empty"):
+        train(cfg, tmp_path / "r", **quiet)
