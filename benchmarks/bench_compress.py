@@ -84,7 +84,7 @@ def loop_compress(ext, M, lam, examples=None):
                 Kn = K / K.norm(dim=-1, keepdim=True).clamp(min=1e-8)
                 C = Kn @ Kn.T  # [n, n]
                 C.fill_diagonal_(0.0)
-                red = torch.softmax(-C.sum(dim=0) / max(len(valid) - 1, 1), dim=0)
+                red = torch.softmax(-C.sum(dim=0) / len(valid), dim=0)  # mean over n, as §3
                 s = lam * imp + (1 - lam) * red
                 top = torch.topk(s, min(M, len(valid))).indices.sort().values
                 pos = valid[top]

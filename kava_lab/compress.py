@@ -128,7 +128,8 @@ def redundancy_scores(keys: Tensor, key_mask: Tensor, eps: float = 1e-8) -> Tens
     """Redundancy ``R`` of KaVa §3 in O(N d): high means unlike the other tokens.
 
     With unit keys ``k̂``, cosine matrix ``C`` (diagonal zeroed), token ``i`` scores the negative mean of
-    column ``i`` over the other valid tokens, ``-(k̂_i·Σ_j k̂_j - k̂_i·k̂_i) / (n-1)`` (0 when ``n<=1``);
+    column ``i`` over the ``n`` valid tokens, the zeroed diagonal included (kava-method.md §3; R-KV's own code
+    averages the whole row), ``-(k̂_i·Σ_j k̂_j - k̂_i·k̂_i) / n``;
     ``R`` is the masked softmax of that over tokens. No ``N x N`` matrix and no normalised copy of the keys
     is formed: ``k̂_i·s = (k_i·s)/|k_i|`` with ``s = Σ_j k_j/|k_j|``.
 
@@ -145,8 +146,8 @@ def redundancy_scores(keys: Tensor, key_mask: Tensor, eps: float = 1e-8) -> Tens
     dot = torch.matmul(k, s.transpose(-1, -2)).squeeze(-1) / norm  # [B, H_kv, N] = k̂_i · s
     self_sim = (raw_norm / norm).square()  # k̂_i·k̂_i (1 unless k_i == 0)
     col_sum = dot - self_sim  # pads are not in s; their entries are masked below
-    n_other = (key_mask.sum(dim=-1) - 1).clamp(min=1).to(k.dtype)[:, None, None]  # [B, 1, 1]
-    return _masked_softmax(-col_sum / n_other, km, dim=-1)
+    n_valid = key_mask.sum(dim=-1).clamp(min=1).to(k.dtype)[:, None, None]  # [B, 1, 1]
+    return _masked_softmax(-col_sum / n_valid, km, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------

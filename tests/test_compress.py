@@ -81,7 +81,7 @@ def reference_rkv(keys, queries, key_mask, query_mask, lam):
             Kn = K / K.norm(dim=-1, keepdim=True)
             C = Kn @ Kn.T
             C.fill_diagonal_(0.0)
-            col_mean = C.sum(dim=0) / max(nv - 1, 1)
+            col_mean = C.sum(dim=0) / nv  # over all n valid tokens, zeroed diagonal included (§3)
             red = torch.softmax(-col_mean, dim=0)
             out[bi, h, valid] = lam * imp + (1 - lam) * red
     return out
