@@ -1,0 +1,147 @@
+"""The student's latent loops and decoding against references written from kava-method.md §2.
+
+Each reference recomputes everything from scratch (fresh caches, full sequences), so it shares no code path
+with ``Student`` beyond the model itself: a broken Jacobi shift, a lost cache fork, or padding that leaks
+between rows makes these tests fail. Tiny random Llama with GQA, no downloads.
+"""
+
+import pytest
+import torch
+
+from kava_lab.backbone import TinyConfig, build_tiny, load_backbone
+from kava_lab.config import LatentConfig
+from kava_lab.encoding import Collator, encode, without_answer
+from kava_lab.student import Student, greedy_decode, stack_kv
+from kava_lab.synthetic import make_synthetic
+
+SMALL = TinyConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def bb(tmp_path_factory):
+    torch.manual_seed(0)
+    return load_backbone(str(build_tiny(tmp_path_factory.mktemp("llama"), SMALL, family="llama")))
+
+
+def _student(bb, mode="jacobi", M=3, T=2):
+    torch.manual_seed(1)
+    return Student(bb.model, LatentConfig(mode=mode, M=M, T=T), eos_id=bb.eos_id, eot_id=bb.eot_id).eval()
+
+
+def _batch(bb, M, n=3, answer=False):
+    examples = make_synthetic(n, split="test", trace="nl", min_steps=2, max_steps=4)  # questions differ in length
+    items = [encode(e, bb.tokenizer, with_cot=False) for e in examples]
+    if not answer:
+        items = [without_answer(it) for it in items]
+    return Collator.for_backbone(bb)(items, "student", M=M)
+
+
+def _question_cache(model, batch):
+    P = batch.P
+    return model(input_ids=batch.input_ids[:, :P], attention_mask=batch.attention_mask[:, :P],
+                 position_ids=batch.position_ids[:, :P], use_cache=True).past_key_values
+
+
+@torch.no_grad()
+def test_jacobi_matches_a_hand_rolled_loop(bb):
+    M, T = 3, 2
+    student = _student(bb, M=M, T=T)
+    batch = _batch(bb, M)
+    P, ids, am, pos = batch.P, batch.input_ids, batch.attention_mask, batch.position_ids
+    model, proj = bb.model, student.projection
+    # prefill [question, <bot>, <latent> x M]; shifted init z_1 = P(h_bot), z_i = P(h_latent_{i-1})
+    h = model(input_ids=ids[:, :P + M], attention_mask=am[:, :P + M], position_ids=pos[:, :P + M],
+              output_hidden_states=True).hidden_states[-1]
+    z = proj(torch.stack([h[:, P - 1 + i] for i in range(M)], 1))
+    for t in range(T):  # each pass on a freshly computed question cache
+        out = model(inputs_embeds=z, attention_mask=am[:, :P + M], position_ids=pos[:, P:P + M],
+                    past_key_values=_question_cache(model, batch), use_cache=True, output_hidden_states=True)
+        o = out.hidden_states[-1]
+        if t < T - 1:
+            z = torch.cat([z[:, :1]] + [proj(o[:, i:i + 1]) for i in range(M - 1)], 1)  # z_1 stays, z_{i+1} = P(o_i)
+    ref_k, ref_v = stack_kv(out.past_key_values, P, P + M)
+    state = student.latent_loop(batch)
+    assert state.forward_passes == 1 + T
+    assert torch.allclose(state.latents, z, atol=1e-5)
+    k, v = stack_kv(state.cache, P, P + M)
+    assert torch.allclose(k, ref_k, atol=1e-5) and torch.allclose(v, ref_v, atol=1e-5)
+    assert state.cache.get_seq_length() == P + M  # the last pass's cache, question columns untouched
+
+
+@torch.no_grad()
+def test_t0_is_pause_tokens(bb):
+    M = 3
+    student = _student(bb, M=M, T=0)
+    batch = _batch(bb, M)
+    P = batch.P
+    out = bb.model(input_ids=batch.input_ids[:, :P + M], attention_mask=batch.attention_mask[:, :P + M],
+                   position_ids=batch.position_ids[:, :P + M], use_cache=True)
+    state = student.latent_loop(batch)
+    assert state.forward_passes == 1
+    for a, b in zip(stack_kv(state.cache, P, P + M), stack_kv(out.past_key_values, P, P + M)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@torch.no_grad()
+def test_sequential_matches_re_encoding_every_step_from_scratch(bb):
+    M = 3
+    student = _student(bb, mode="sequential", M=M)
+    batch = _batch(bb, M)
+    P, ids, am, pos = batch.P, batch.input_ids, batch.attention_mask, batch.position_ids
+    model, proj = bb.model, student.projection
+    prefix = model.get_input_embeddings()(ids[:, :P])  # [question, <bot>]
+    latents = []
+    h = model(inputs_embeds=prefix, attention_mask=am[:, :P], position_ids=pos[:, :P],
+              output_hidden_states=True).hidden_states[-1][:, -1:]
+    for i in range(M):  # z_{i+1} = P(h_i), every step re-encoded without a cache
+        latents.append(proj(h))
+        x = torch.cat([prefix] + latents, 1)
+        h = model(inputs_embeds=x, attention_mask=am[:, :P + i + 1], position_ids=pos[:, :P + i + 1],
+                  output_hidden_states=True).hidden_states[-1][:, -1:]
+    state = student.latent_loop(batch)
+    assert state.forward_passes == 1 + M
+    assert torch.allclose(state.latents, torch.cat(latents, 1), atol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_first_token_matches_one_uncached_forward(bb):
+    M, T = 3, 2
+    student = _student(bb, M=M, T=T)
+    batch = _batch(bb, M)
+    P, ids, am, pos = batch.P, batch.input_ids, batch.attention_mask, batch.position_ids
+    gen = student.generate(batch, max_new_tokens=3)
+    state = student.latent_loop(batch)
+    emb = bb.model.get_input_embeddings()
+    x = torch.cat([emb(ids[:, :P]), state.latents, emb(ids[:, P + M:])], 1)  # [q, bot, z, eot, prompt]
+    logits = bb.model(inputs_embeds=x, attention_mask=am, position_ids=pos).logits
+    last = am.shape[1] - 1 - am.flip(1).argmax(1)  # each row's last real token
+    first = logits[torch.arange(len(batch)), last].argmax(-1)
+    for i in range(len(batch)):
+        want = int(first[i])
+        got = gen.tokens[i][0] if gen.tokens[i] else bb.eos_id
+        assert got == want, (i, got, want)
+    assert (gen.forward_passes >= 1 + T + 1).all()
+
+
+@torch.no_grad()
+def test_greedy_decode_is_batch_independent_with_padding_and_stops_at_eos(bb):
+    examples = make_synthetic(3, split="test", trace="nl", min_steps=2, max_steps=4)
+    items = [without_answer(encode(e, bb.tokenizer)) for e in examples]  # CoT + prompt: rows differ on both sides
+    collate = Collator.for_backbone(bb)
+    batch = collate(items, "teacher")
+    assert (batch.attention_mask[:, 0] == 0).any() and (batch.attention_mask[:, -1] == 0).any()  # left and right pads
+    model = bb.model
+    together = greedy_decode(model, None, batch.input_ids, batch.attention_mask, batch.position_ids, bb.eos_id, 5)
+    for i, it in enumerate(items):
+        alone_b = collate([it], "teacher")
+        alone = greedy_decode(model, None, alone_b.input_ids, alone_b.attention_mask, alone_b.position_ids,
+                              bb.eos_id, 5)
+        assert together.tokens[i] == alone.tokens[0], i
+    # early eos: call row r's first token the eos; row r stops after one pass, rows that never emit it go on
+    r = next(i for i, t in enumerate(together.tokens) if t)
+    eos = together.tokens[r][0]
+    stopped = greedy_decode(model, None, batch.input_ids, batch.attention_mask, batch.position_ids, eos, 5)
+    assert stopped.tokens[r] == [] and int(stopped.lengths[r]) == 1 and int(stopped.forward_passes[r]) == 1
+    ran_on = [i for i in range(3) if i != r and len(together.tokens[i]) == 5 and eos not in together.tokens[i]]
+    for i in ran_on:
+        assert stopped.tokens[i] == together.tokens[i] and int(stopped.lengths[i]) == 5
