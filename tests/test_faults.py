@@ -157,3 +157,13 @@ def test_empty_data_is_refused_by_name(tmp_path):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(empty), train_split=None))
     with pytest.raises(ValueError, match="empty"):
         train(cfg, tmp_path / "r", **quiet)
+
+
+def test_notebooks_carry_a_cell_timeout_that_fits_their_default_run():
+    """`pytest --nbmake notebooks/` as typed uses nbmake's 300 s cell default unless the notebook says
+    otherwise; notebook 03 trains stage 0 (6-12 min on 2 cores) in one cell."""
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "notebooks").glob("0*.ipynb")):
+        timeout = json.loads(path.read_text())["metadata"].get("execution", {}).get("timeout", 300)
+        assert timeout >= 1200, (path.name, timeout)
