@@ -40,7 +40,7 @@ def _train(args) -> int:
             raise SystemExit(f"--method must be one of {METHODS}, found {method!r}")
         cfg = get_preset(args.preset, method, trace=args.trace, seed=args.seed or 0, steps=args.steps)
         cfg = apply_overrides(cfg, args.overrides + ([f"save_every={args.save_every}"] if args.save_every else []))
-    train(cfg, out, resume=args.resume)
+    train(cfg, out, resume=args.resume, progress=True)  # a bar with the loss; log lines print above it
     if args.eval:
         print(json.dumps(evaluate_run(out), indent=2))
     return 0

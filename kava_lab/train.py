@@ -298,7 +298,7 @@ def stage0_dir(cfg: RunConfig) -> Path:
     return cache_dir() / f"stage0-{digest}"
 
 
-def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
+def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Train (or reuse, or resume) the cached stage-0 backbone; returns the saved model folder."""
     folder = stage0_dir(cfg)
     model_dir = folder / "model"
@@ -310,7 +310,7 @@ def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
         s0 = stage0_config(cfg)
         log(f"stage 0: training the {cfg.backbone} backbone with CoT for {s0.optim.steps} steps -> {folder}")
         student, backbone = build_student(s0)
-        train(s0, folder / "run", resume="auto", student_backbone=(student, backbone), log=log)
+        train(s0, folder / "run", resume="auto", student_backbone=(student, backbone), log=log, progress=progress)
         tmp = folder / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         student.model.save_pretrained(tmp)
@@ -334,7 +334,7 @@ def _batch_indices(n: int, seed: int, global_micro: int, batch_size: int, world:
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
           callback: Callable[[dict], None] | None = None, student_backbone=None,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print, progress: bool = False) -> Path:
     """Train ``cfg`` into ``out_dir``; returns the run folder. ``callback(metrics)`` sees every logged step.
 
     ``resume``: False starts a new run (refused if the folder already holds a checkpoint, a config or metrics);
@@ -425,6 +425,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
     completed, last_saved = start, start
     unwrapped = accelerator.unwrap_model(objective)
     previous_sigterm = _catch_sigterm()
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.optim.steps, initial=start, desc=f"{cfg.method} steps", unit="step", mininterval=2)
+        log = bar.write  # log lines above the bar, not through it
     try:
         for step in range(start, cfg.optim.steps):
             t0 = time.perf_counter()
@@ -465,6 +471,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             if completed % cfg.log_every == 0 or completed == cfg.optim.steps:
                 if callback is not None:
                     callback(record)
@@ -493,6 +502,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
             metrics_file.close()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+        if bar is not None:
+            bar.close()
     return run_dir
 
 

@@ -167,3 +167,9 @@ def test_notebooks_carry_a_cell_timeout_that_fits_their_default_run():
     for path in sorted((Path(__file__).parent.parent / "notebooks").glob("0*.ipynb")):
         timeout = json.loads(path.read_text())["metadata"].get("execution", {}).get("timeout", 300)
         assert timeout >= 1200, (path.name, timeout)
+
+
+def test_progress_bar_counts_the_steps(tmp_path, capsys):
+    train(small_cfg(steps=3), tmp_path / "r", progress=True, log=lambda s: None)
+    err = capsys.readouterr().err
+    assert "kava steps" in err and "3/3" in err
