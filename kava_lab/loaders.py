@@ -379,11 +379,21 @@ def _check_args(trace: str, limit: int | None) -> None:
         raise ValueError(f"limit must be a non-negative int or None, found {limit!r}")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) for non-blank lines."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+class NotUtf8(DataError):
+    """A data file with bytes that are not UTF-8 (the message names file, line and byte)."""
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
+    """(1-based line number, line) for non-blank lines; a line that is not UTF-8 comes as a DataError naming
+    file, line and byte, so strict loading raises it and lenient loading reports it as a skipped row."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                yield n, NotUtf8(f"{path}, line {n}: expected UTF-8 text, found byte 0x{raw[exc.start]:02x} at "
+                                   f"column {exc.start + 1} ({exc.reason})")
+                continue
             if line.strip():
                 yield n, line
 
@@ -392,6 +402,9 @@ def _jsonl(path: Path) -> Iterator[tuple[int, str, dict | DataError]]:
     """(line number, where, record or the DataError describing why the line is not a JSON object)."""
     for n, line in _lines(path):
         where = f"{path}, line {n}"
+        if isinstance(line, DataError):
+            yield n, where, line
+            continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -407,7 +420,13 @@ def _json_array(path: Path) -> Iterator[tuple[int, str, dict | DataError]]:
     """(record number, where, record or DataError) for a JSON array of objects, with line numbers.
 
     A file that is not valid JSON as a whole raises DataError even when lenient (no row can be recovered)."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise NotUtf8(f"{path}, line {line}: expected UTF-8 text, found byte 0x{raw[exc.start]:02x} "
+                      f"({exc.reason})") from None
     dec = json.JSONDecoder()
     ws = re.compile(r"\s*")
 
@@ -628,6 +647,8 @@ def load_icot_txt(
 
     def build(n: int, line: str) -> Example:
         where = f"{path}, line {n}"
+        if isinstance(line, DataError):
+            raise line
         if "||" not in line:
             raise _bad(where, "line", "'QUESTION||COT #### ANSWER'", line)
         question, _, rest = line.partition("||")
@@ -786,6 +807,8 @@ def load_hf(
 
 def _peek_jsonl(path: Path) -> dict | None:
     for _, line in _lines(path):
+        if isinstance(line, DataError):
+            continue  # format detection only; the loader reports the line
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -812,6 +835,8 @@ def _load_file(path: Path, split: str | None, trace: str, limit: int | None, len
     if suffix == ".json":
         try:
             first = next(iter(_json_array(path)), None)
+        except NotUtf8:
+            raise
         except DataError:
             first = None  # not an array: let datasets try (e.g. {"data": [...]})
         rec = first[2] if first is not None else None

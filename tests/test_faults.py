@@ -173,3 +173,21 @@ def test_progress_bar_counts_the_steps(tmp_path, capsys):
     train(small_cfg(steps=3), tmp_path / "r", progress=True, log=lambda s: None)
     err = capsys.readouterr().err
     assert "kava steps" in err and "3/3" in err
+
+
+def test_a_non_utf8_byte_is_named_and_lenient_mode_reports_it(tmp_path):
+    from kava_lab.data import DataError
+    from kava_lab.loaders import load_examples
+
+    good = '{"question": "Q?", "answer": "1 + 1 = 2\\n#### 2"}'
+    path = tmp_path / "train.jsonl"
+    path.write_bytes((good + "\n").encode() + b'{"question": "caf\xe9", "answer": "#### 1"}\n' + (good + "\n").encode())
+    with pytest.raises(DataError, match=r"train.jsonl, line 2: expected UTF-8 text, found byte 0xe9"):
+        load_examples(str(path), trace="nl")
+    with pytest.warns(Warning):
+        loaded = load_examples(str(path), trace="nl", lenient=True)
+    assert len(loaded) == 2 and len(loaded.report.skipped) == 1
+    bad_array = tmp_path / "svamp.json"
+    bad_array.write_bytes(b'[\n{"Body": "x\xff"}]')
+    with pytest.raises(DataError, match="svamp.json, line 2: expected UTF-8"):
+        load_examples(str(bad_array), trace="nl")
