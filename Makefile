@@ -13,8 +13,8 @@ install:
 lab: install
 	$(PYTHON) -m kava_lab.cli lab --out runs/lab
 
-unit:
-	$(PYTHON) -m pytest -q tests
+unit:  # a throwaway cache unless KAVA_LAB_CACHE is set (CI sets it): tests never reuse a user's cached models
+	KAVA_LAB_CACHE=$${KAVA_LAB_CACHE:-$$(mktemp -d)} $(PYTHON) -m pytest -q tests
 
 notebooks:
 	KAVA_LAB_SMALL=1 $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=900 notebooks/
@@ -25,3 +25,4 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_compress.py
+	$(PYTHON) benchmarks/bench_train.py

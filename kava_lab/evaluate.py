@@ -59,8 +59,12 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
     collate = Collator.for_backbone(backbone)
     per_token = kv_bytes_per_token(model)
     rows = []
+    positions = getattr(model.config, "max_position_embeddings", None)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
+        if positions:
+            check_positions(chunk, [len(encode(e, tok, cfg.encoding, with_cot=False).question) for e in chunk],
+                            (cfg.latent.M + 1 if cfg.uses_latents else 0) + cfg.max_new_tokens, positions)
         if cfg.uses_latents:
             items = [without_answer(encode(e, tok, cfg.encoding, with_cot=False)) for e in chunk]
             batch = collate(items, "student", M=cfg.latent.M).to(device)
@@ -112,6 +116,20 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     return summary
+
+
+def check_positions(examples: list[Example], question_tokens: list[int], extra: int, positions: int) -> None:
+    """Refuse a question longer than the model's positions; warn when the generation budget may run past them."""
+    import warnings
+
+    too_long = [(e.id, n) for e, n in zip(examples, question_tokens) if n >= positions]
+    if too_long:
+        raise ValueError(f"{len(too_long)} question(s) longer than the model's {positions} positions, e.g. "
+                         f"{too_long[0][0]!r} with {too_long[0][1]} tokens: shorten or filter them")
+    tight = [(e.id, n) for e, n in zip(examples, question_tokens) if n + extra > positions]
+    if tight:
+        warnings.warn(f"{len(tight)} question(s) plus latents and the generation budget ({extra} tokens) may run "
+                      f"past the model's {positions} positions, e.g. {tight[0][0]!r} ({tight[0][1]} question tokens)")
 
 
 def evaluate_interventions(student: Student, backbone, cfg: RunConfig, examples: list[Example],

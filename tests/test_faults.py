@@ -191,3 +191,16 @@ def test_a_non_utf8_byte_is_named_and_lenient_mode_reports_it(tmp_path):
     bad_array.write_bytes(b'[\n{"Body": "x\xff"}]')
     with pytest.raises(DataError, match="svamp.json, line 2: expected UTF-8"):
         load_examples(str(bad_array), trace="nl")
+
+
+def test_a_question_longer_than_the_positions_is_refused_by_id():
+    from kava_lab.data import Example
+    from kava_lab.evaluate import check_positions
+
+    examples = [Example(question="q", steps=(), answer="1", answer_value=1.0, id="short"),
+                Example(question="q", steps=(), answer="1", answer_value=1.0, id="long")]
+    with pytest.raises(ValueError, match="'long' with 600 tokens"):
+        check_positions(examples, [10, 600], 20, 512)
+    with pytest.warns(UserWarning, match="'short'"):
+        check_positions(examples[:1], [500], 20, 512)
+    check_positions(examples[:1], [10], 20, 512)  # fits: silent
