@@ -203,11 +203,18 @@ def _resolve(spec: str, tiny: TinyConfig) -> tuple[str, dict]:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"folder {spec!r} has no config.json: not a saved model "
                                     "(expected the output of save_pretrained)")
+        if not any((path / name).exists() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(f"folder {spec!r} has a config.json but no tokenizer (none of "
+                                    f"{', '.join(TOKENIZER_FILES)}): save the tokenizer beside the model "
+                                    "(tokenizer.save_pretrained(folder))")
         return str(path), {}
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return spec, {}
     raise ValueError(f"unknown backbone {spec!r}: not 'tiny', not 'smollm2-135m', not an existing folder or "
                      f".gguf file, and not a hub id of the form 'org/name'")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 def _load_tokenizer(location: str, extra: dict):
@@ -239,6 +246,10 @@ def load_backbone(spec: str = "tiny", dtype: torch.dtype | str = torch.float32, 
     except OSError as exc:
         raise OSError(f"could not load backbone {spec!r} from {location!r}"
                       f"{' (hub id: the hub may be unreachable from here)' if location == spec else ''}: {exc}") from exc
+    except Exception as exc:  # a corrupt file: GGUF readers and safetensors raise their own types
+        where = Path(location) / extra["gguf_file"] if "gguf_file" in extra else Path(location)
+        raise ValueError(f"could not load backbone {spec!r}: {where} is not a readable model "
+                         f"({type(exc).__name__}: {exc})") from exc
     ids = add_special_tokens(model, tokenizer)
     tokenizer.padding_side = "right"
     if device is not None:

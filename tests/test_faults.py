@@ -204,3 +204,22 @@ def test_a_question_longer_than_the_positions_is_refused_by_id():
     with pytest.warns(UserWarning, match="'short'"):
         check_positions(examples[:1], [500], 20, 512)
     check_positions(examples[:1], [10], 20, 512)  # fits: silent
+
+
+def test_broken_model_folders_and_gguf_files_are_named(tmp_path):
+    import shutil
+
+    from kava_lab.backbone import TinyConfig, build_tiny, load_backbone
+
+    folder = build_tiny(tmp_path / "m", TinyConfig(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                                   intermediate_size=64))
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(folder / f, bare / f)
+    with pytest.raises(FileNotFoundError, match="no-tokenizer.*no tokenizer"):
+        load_backbone(str(bare))
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(256))
+    with pytest.raises((ValueError, OSError), match="broken.gguf"):
+        load_backbone(str(gguf))
