@@ -87,9 +87,11 @@ _SMALL_N = 4
 
 
 def small_mode() -> bool:
-    """True when ``$KAVA_LAB_SMALL`` is set to a true value (1, true, yes, on): notebooks fall back to the
-    tiny preset on synthetic data with 4 examples, whatever their parameter cell says."""
-    return os.environ.get(SMALL_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """:func:`kava_lab.runs.small_mode`: notebooks fall back to the tiny preset on synthetic data with 4
+    examples, whatever their parameter cell says."""
+    from .runs import small_mode as _small
+
+    return _small()
 
 
 class SourceChoice(NamedTuple):
@@ -173,7 +175,7 @@ def load_notebook_backbone(spec: str):
 def _stage0_model_dir() -> Path | None:
     """The tiny preset's stage-0 model folder if already built (never trains)."""
     from .config import get_preset
-    from .train import stage0_dir
+    from .runs import stage0_dir
 
     folder = stage0_dir(get_preset("tiny")) / "model"
     return folder if (folder / "config.json").is_file() else None
@@ -598,11 +600,12 @@ def keep_frequency(comp, example: int, n: int) -> Tensor:
 def compress_methods(ext, methods: Sequence[str], M: int, lam: float = 0.1, order: str = "time",
                      return_scores: bool = True) -> dict[str, Any]:
     """``{method: Compressed}`` for each name; ``rkv`` uses ``lam``, the others their own defaults."""
-    from .compress import compress_extraction, get_compressor
+    from .compress import compress_extraction, compressor_from_config
+    from .config import CompressConfig
 
     out = {}
     for name in methods:
-        comp = get_compressor(name, lam=lam) if name == "rkv" else get_compressor(name)
+        comp = compressor_from_config(CompressConfig(method=name, lam=lam))
         out[name] = compress_extraction(ext, comp, M, order=order, return_scores=return_scores)
     return out
 

@@ -66,7 +66,7 @@ def _intervene(args) -> int:
     from .evaluate import evaluate_interventions
     from .intervene import INTERVENTIONS
     from .loaders import load_examples
-    from .train import load_run
+    from .runs import load_run
 
     kinds = INTERVENTIONS if "all" in args.intervene else tuple(dict.fromkeys(args.intervene))
     student, backbone, cfg = load_run(args.run)

@@ -341,6 +341,12 @@ def get_compressor(name: str, **kwargs: Any) -> Compressor:
     return cls(**kwargs)
 
 
+def compressor_from_config(cfg) -> Compressor:
+    """The one ``CompressConfig -> Compressor`` factory: ``lam`` goes to rkv, ``seed`` to random."""
+    kwargs = {"rkv": {"lam": cfg.lam}, "random": {"seed": cfg.seed}}.get(cfg.method, {})
+    return get_compressor(cfg.method, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # selection
 # ---------------------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def evaluate_run(run_dir: str | Path, eval_source: str | None = None, split: str
                  trace: str | None = None) -> dict:
     """Load a run folder and evaluate it on its configured eval set (or ``eval_source``)."""
     from .loaders import load_examples
-    from .train import load_run
+    from .runs import load_run
 
     run_dir = Path(run_dir)
     student, backbone, cfg = load_run(run_dir, device=device)

@@ -220,7 +220,7 @@ def collect(student, backbone, cfg, examples: Sequence, batch_size: int = 32, co
     """Run teacher (extraction + compression with the run's compressor unless given) and student (recorded
     latent loop, latent K/V, all hidden states) over ``examples``; returns a :class:`ProbeData`.
 
-    ``student``/``backbone``/``cfg`` as returned by :func:`kava_lab.train.load_run`. The teacher is the
+    ``student``/``backbone``/``cfg`` as returned by :func:`kava_lab.runs.load_run`. The teacher is the
     same model in teacher mode (self-distillation), reading each problem's CoT. ``threads``: torch threads
     while collecting; ``"auto"`` uses one for models under 20M parameters (on a shared CPU, tiny matmuls
     run several times faster single-threaded) and leaves larger ones alone; None never changes it.
@@ -236,12 +236,12 @@ def _collect(student, backbone, cfg, examples, batch_size, compressor, progress)
     from .encoding import Collator, encode
     from .student import stack_kv
     from .teacher import extract_teacher
-    from .train import make_compressor
+    from .compress import compressor_from_config
 
     if not cfg.uses_latents:
         raise ValueError(f"method {cfg.method!r} has no latents to probe; use a codi, pccot or kava run")
     if compressor is None:
-        compressor = make_compressor(cfg)
+        compressor = compressor_from_config(cfg.compress)
     elif isinstance(compressor, str):
         compressor = get_compressor(compressor)
     was_training = student.training
@@ -690,8 +690,10 @@ def _linear_probes(hidden, examples, target, labels, step_names, test_fraction, 
 # -------------------------------------------------------------------------------------- the demo run
 
 def small_mode() -> bool:
-    """``KAVA_LAB_SMALL=1`` (CI): notebooks use tiny sizes."""
-    return os.environ.get("KAVA_LAB_SMALL", "").strip().lower() in ("1", "true", "yes")
+    """:func:`kava_lab.runs.small_mode` (``KAVA_LAB_SMALL=1`` in CI): notebooks use tiny sizes."""
+    from .runs import small_mode as _small
+
+    return _small()
 
 
 def demo_config(method: str = "kava", small: bool | None = None, steps: int | None = None,
@@ -705,7 +707,7 @@ def demo_config(method: str = "kava", small: bool | None = None, steps: int | No
     problems, a smoke test whose latents carry little.
     """
     from .config import get_preset
-    from .train import stage0_dir
+    from .runs import stage0_dir
 
     small = small_mode() if small is None else small
     cfg = get_preset("tiny", method, trace=trace)
@@ -726,7 +728,7 @@ def demo_config(method: str = "kava", small: bool | None = None, steps: int | No
 
 def _finished_latent_run(run_dir: Path) -> bool:
     from .config import RunConfig
-    from .train import checkpoint_path
+    from .runs import checkpoint_path
 
     if not (run_dir / "config.json").exists():
         return False
@@ -745,7 +747,8 @@ def demo_run(method: str = "kava", small: bool | None = None, log: Callable[[str
     Says which through ``log``."""
     from .backbone import cache_dir
     from .config import RunConfig
-    from .train import checkpoint_path, train
+    from .runs import checkpoint_path
+    from .train import train
 
     for candidate in reuse:
         candidate = Path(candidate)

@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
-import os
-import platform
 import random
 import shutil
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,25 +28,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbone import Backbone, cache_dir, load_backbone
-from .compress import compress_extraction, get_compressor
+from .compress import compress_extraction, compressor_from_config
 from .config import RunConfig
 from .encoding import Collator, Encoded, encode
 from .losses import codi_loss, kava_objective, kv_loss
+from .runs import (  # noqa: F401  (re-exported: run folders live in runs.py)
+    NonFiniteLoss, _set_rng_state, apply_lora, build_student, checkpoint_path, ensure_stage0, load_run,
+    load_trainable, load_train_examples, package_versions, read_metrics, save_checkpoint, stage0_config, stage0_dir,
+    trainable_state,
+)
 from .student import Student
 from .teacher import extract_teacher
-
-
-class NonFiniteLoss(RuntimeError):
-    """Raised when a loss term is NaN or inf; the run folder keeps the last good checkpoint."""
 
 
 # ------------------------------------------------------------------------------------------ the objective
 
 def make_compressor(cfg: RunConfig):
-    c = cfg.compress
-    kwargs = {"rkv": {"lam": c.lam}, "random": {"seed": c.seed}}.get(c.method, {})
-    return get_compressor(c.method, **kwargs)
+    """The run's compressor (:func:`kava_lab.compress.compressor_from_config` of ``cfg.compress``)."""
+    return compressor_from_config(cfg.compress)
 
 
 def pre_rope_keys(model, student_keys, teacher_keys, indices, student_batch, teacher_batch):
@@ -130,193 +124,11 @@ class KaVaObjective(nn.Module):
         return kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv)
 
 
-# --------------------------------------------------------------------------------------- building a run
-
-def apply_lora(model, cfg: RunConfig, backbone: Backbone):
-    """Wrap with peft LoRA; the special-token embedding rows stay trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str)
-                      else list(cfg.lora.target_modules),
-                      trainable_token_indices=sorted({backbone.bot_id, backbone.eot_id, backbone.latent_id,
-                                                      backbone.pad_id}),
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
-
-
-def build_student(cfg: RunConfig, device=None, use_stage0: bool = True) -> tuple[Student, Backbone]:
-    """Backbone (stage-0 checkpoint for from-scratch presets), LoRA if configured, projection.
-
-    ``use_stage0=False`` starts from the plain backbone: enough when a full fine-tuning checkpoint will
-    overwrite every weight anyway."""
-    spec = str(ensure_stage0(cfg)) if cfg.stage0_steps > 0 and use_stage0 else cfg.backbone
-    backbone = load_backbone(spec, tiny=cfg.tiny)
-    model = backbone.model
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg, backbone)
-    model.train()
-    latent = cfg.latent if cfg.uses_latents else replace(cfg.latent, projection=False)
-    torch.manual_seed(cfg.seed)  # the projection's init depends on the seed alone, not on what ran before
-    student = Student(model, latent, eos_id=backbone.eos_id, eot_id=backbone.eot_id)
-    if device is not None:
-        student.to(device)
-    return student, backbone
-
-
-def load_train_examples(cfg: RunConfig):
-    from .loaders import load_examples
-
-    traces = ("equation", "nl") if cfg.data.trace == "both" else (cfg.data.trace,)
-    out = []
-    for trace in traces:
-        out += load_examples(cfg.data.train, split=cfg.data.train_split, trace=trace, limit=cfg.data.train_limit)
-    return out
-
+# ------------------------------------------------------------------------------------------------ data
 
 def encode_all(examples, tokenizer, cfg: RunConfig) -> list[Encoded]:
     with_cot = cfg.method != "nocot"
     return [encode(e, tokenizer, cfg.encoding, with_cot=with_cot) for e in examples]
-
-
-def package_versions() -> dict:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "datasets", "kava_lab"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    versions["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
-    return versions
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run_dir: Path, module: nn.Module, optimizer, scheduler, step: int) -> None:
-    """Write ``checkpoint/`` atomically: a temp folder, then two renames (old kept until the new is in place)."""
-    from safetensors.torch import save_file
-
-    final, tmp, old = run_dir / "checkpoint", run_dir / f"checkpoint.tmp-{os.getpid()}", run_dir / "checkpoint.old"
-    state = trainable_state(module)
-    bad = [name for name, t in state.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise NonFiniteLoss(f"refusing to save step {step} to {run_dir}: non-finite weights in {bad[:3]}; the "
-                            "last good checkpoint is kept")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_file(state, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-                   tmp / "state.pt")
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
-        raise OSError(f"could not write the step-{step} checkpoint to {run_dir} ({exc}); {free / 2**20:.0f} MiB "
-                      "free on that disk: is it full? The previous checkpoint is untouched") from exc
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoint_path(run_dir: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
-        if (run_dir / name / "step.json").exists():
-            return run_dir / name
-    return None
-
-
-def load_trainable(module: nn.Module, ckpt: Path) -> None:
-    from safetensors.torch import load_file
-
-    path = ckpt / "trainable.safetensors"
-    try:
-        saved = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for truncated or garbage files
-        raise ValueError(f"{path}: unreadable checkpoint weights ({exc}); the file is truncated or corrupt") from exc
-    bad = [name for name, t in saved.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"{path}: non-finite values in {bad[:3]}: this checkpoint is corrupt")
-    params = dict(module.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
-    unknown = [n for n in saved if n not in params]
-    if missing or unknown:
-        raise ValueError(f"{ckpt}: checkpoint does not fit the model: missing {missing[:5]}, unknown {unknown[:5]}")
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value.to(params[name].dtype))
-
-
-# ------------------------------------------------------------------------------------------------ stage 0
-
-def stage0_config(cfg: RunConfig) -> RunConfig:
-    """CoT training of the from-scratch backbone on both trace styles: the shared starting point."""
-    from .config import with_method
-
-    base = replace(cfg, stage0_steps=0, stage0_lr=None, seed=0, data=replace(cfg.data, trace="both"),
-                   optim=replace(cfg.optim, steps=cfg.stage0_steps, lr=cfg.stage0_lr or cfg.optim.lr), compress=type(cfg.compress)(),
-                   loss=type(cfg.loss)(), latent=type(cfg.latent)(),
-                   curriculum=type(cfg.curriculum)())
-    return with_method(replace(base, method="cot"), "cot")
-
-
-def stage0_dir(cfg: RunConfig) -> Path:
-    from .config import non_default
-
-    s0 = stage0_config(cfg)
-    # Only fields that differ from their defaults: adding a defaulted config field keeps every cache key.
-    key = {k: v for k, v in non_default(s0).items() if k not in ("method", "preset", "log_every", "save_every",
-                                                                  "max_new_tokens")}
-    if s0.data.train == "synthetic":
-        from .synthetic import VERSION
-
-        key["synthetic_version"] = VERSION
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return cache_dir() / f"stage0-{digest}"
-
-
-def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """Train (or reuse, or resume) the cached stage-0 backbone; returns the saved model folder."""
-    folder = stage0_dir(cfg)
-    model_dir = folder / "model"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
-        if (model_dir / "config.json").exists():
-            return model_dir
-        s0 = stage0_config(cfg)
-        log(f"stage 0: training the {cfg.backbone} backbone with CoT for {s0.optim.steps} steps -> {folder}")
-        student, backbone = build_student(s0)
-        train(s0, folder / "run", resume="auto", student_backbone=(student, backbone), log=log, progress=progress)
-        tmp = folder / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.model.save_pretrained(tmp)
-        backbone.tokenizer.save_pretrained(tmp)
-        tmp.rename(model_dir)
-    return model_dir
 
 
 # -------------------------------------------------------------------------------------------- the loop
@@ -520,25 +332,3 @@ def _catch_sigterm():
         raise Terminated(f"SIGTERM received (signal {signum}); the last completed step is saved")
 
     return signal.signal(signal.SIGTERM, handler)
-
-
-def load_run(run_dir: str | Path, device=None) -> tuple[Student, Backbone, RunConfig]:
-    """Rebuild a trained student from its run folder (config + checkpoint) for evaluation or probing."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: no config.json")
-    cfg = RunConfig.load(run_dir / "config.json")
-    ckpt = checkpoint_path(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    # A full fine-tuning checkpoint holds every weight, so the stage-0 cache is not needed (a run folder
-    # copied to another machine loads without retraining stage 0); LoRA checkpoints need their base.
-    student, backbone = build_student(cfg, device=device, use_stage0=cfg.lora.enabled)
-    load_trainable(student, ckpt)
-    student.eval()
-    return student, backbone, cfg
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -57,7 +57,8 @@ def evaluate_split(student, backbone, cfg, split: str, limit: int, interventions
 
 
 def main(argv=None) -> dict:
-    from kava_lab.train import build_student, train
+    from kava_lab.runs import build_student
+    from kava_lab.train import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name")
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
 
 def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: list[str],
            train_minutes: float | None, stage0_minutes: float, curve: list[dict]) -> dict:
-    from kava_lab.train import load_run, read_metrics, stage0_dir
+    from kava_lab.runs import load_run, read_metrics, stage0_dir
 
     student, backbone, cfg = load_run(run_dir)
     if cfg.data.trace == "both":  # stage 0 trains on both trace styles: evaluate the requested one

@@ -1,0 +1,34 @@
+"""The package's shape: one small-mode rule, and train.py imported only for training."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "kava_lab"
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("on", True), ("TRUE", True), ("", False), ("0", False),
+                                            ("off", False), ("no", False)])
+def test_small_mode_is_one_rule_everywhere(monkeypatch, value, expected):
+    from kava_lab import analysis, probe, runs
+
+    monkeypatch.setenv("KAVA_LAB_SMALL", value)
+    assert runs.small_mode() is analysis.small_mode() is probe.small_mode() is expected
+
+
+def test_small_mode_rejects_a_value_it_cannot_read(monkeypatch):
+    from kava_lab.runs import small_mode
+
+    monkeypatch.setenv("KAVA_LAB_SMALL", "maybe")
+    with pytest.raises(ValueError, match="KAVA_LAB_SMALL='maybe'"):
+        small_mode()
+
+
+def test_train_is_imported_only_for_training():
+    """Run folders, checkpoints and caches live in runs.py; other modules import train.py only for train()."""
+    for path in PKG.glob("*.py"):
+        if path.name == "train.py":
+            continue
+        for names in re.findall(r"from \.train import ([^\n]+)", path.read_text()):
+            assert [n.strip() for n in names.split("#")[0].split(",")] == ["train"], (path.name, names)
