@@ -32,3 +32,22 @@ def test_train_is_imported_only_for_training():
             continue
         for names in re.findall(r"from \.train import ([^\n]+)", path.read_text()):
             assert [n.strip() for n in names.split("#")[0].split(",")] == ["train"], (path.name, names)
+
+
+def test_notebooks_reject_undeclared_papermill_parameters():
+    import ast
+    import json
+
+    from kava_lab.notebook import check_parameters
+
+    for path in sorted((PKG.parent / "notebooks").glob("0*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        i = next(k for k, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+        declared = [t.id for node in ast.parse("".join(cells[i]["source"])).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)]
+        assert "_before_parameters = set(globals())" in "".join(cells[i - 1]["source"]), path.name
+        check = "".join(cells[i + 1]["source"])
+        assert check.startswith("check_parameters(") and repr(tuple(declared)) in check, path.name
+    with pytest.raises(NameError, match=r"\['methd'\]"):
+        check_parameters({"method": 1, "methd": 2, "_i2": 3}, before=set(), declared=["method"])
+    check_parameters({"method": 1, "json": 2}, before={"json"}, declared=["method"])
