@@ -185,7 +185,20 @@ def _resolve(spec: str, tiny: TinyConfig) -> tuple[str, dict]:
     if spec == "tiny":
         folder = cache_dir() / f"tiny-{tiny.key()}"
         if not (folder / "config.json").exists():
-            build_tiny(folder, tiny)
+            import fcntl
+
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with open(folder.parent / f".tiny-{tiny.key()}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # several processes (accelerate launch) may build it at once
+                if not (folder / "config.json").exists():  # build aside, then one rename: never half a folder
+                    import os
+                    import shutil
+
+                    tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    build_tiny(tmp, tiny)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    tmp.rename(folder)
         return str(folder), {}
     if spec == "smollm2-135m":
         gguf = smollm2_gguf()

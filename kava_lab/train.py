@@ -266,6 +266,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
                     accelerator.backward(terms["loss"] / accum)
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item() / accum
+            if world > 1:  # log the mean over every process's micro-batches, as one process with accumulation does
+                names = sorted(sums)
+                reduced = accelerator.reduce(torch.tensor([sums[n] for n in names], device=accelerator.device), "mean")
+                sums = dict(zip(names, reduced.tolist()))
             grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
             if not torch.isfinite(torch.as_tensor(grad_norm)).all():
                 optimizer.zero_grad(set_to_none=True)  # the update is never applied
