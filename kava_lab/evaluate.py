@@ -183,7 +183,7 @@ def evaluate_run(run_dir: str | Path, eval_source: str | None = None, split: str
                              limit=limit if limit is not None else cfg.data.eval_limit)
     if not examples:
         raise ValueError(f"no examples to evaluate: {source!r} split {split!r} is empty")
-    tag = "" if own else f"-{Path(str(source)).name.replace(':', '_')}-{split}"
+    tag = "" if own else f"-{Path(str(source)).name.replace(':', '_')}-{split or 'default'}"
     summary = evaluate(student, backbone, cfg, examples, batch_size=batch_size,
                        predictions_path=run_dir / f"predictions{tag}.jsonl" if write else None)
     summary.update({"run": str(run_dir), "eval_source": source, "eval_split": split})
