@@ -86,7 +86,7 @@ class TeacherOutput:
     cot_mask: torch.Tensor  # [B, N] bool
     answer_queries: torch.Tensor  # [B, L, H_q, A, d]
     answer_mask: torch.Tensor  # [B, A] bool
-    answer_logits: torch.Tensor  # [B, L, H_q, A, N] = q.k * scaling (unmasked)
+    answer_logits: torch.Tensor | None  # [B, L, H_q, A, N] = q.k * scaling (unmasked); None unless asked
     anchor_hidden: torch.Tensor  # [B, L, D]
     cot_ids: torch.Tensor  # [B, N] token ids of the CoT span (pad where masked)
     cache: object = None  # the pass's KV cache (with gradients when trained), only if asked; never saved
@@ -103,7 +103,7 @@ class TeacherOutput:
         """Write the extracted signals to a safetensors file (precompute once, reuse)."""
         from safetensors.torch import save_file
 
-        tensors = {k: getattr(self, k).detach().contiguous().cpu() for k in self._SAVED}
+        tensors = {k: getattr(self, k).detach().contiguous().cpu() for k in self._SAVED if getattr(self, k) is not None}
         tensors["cot_mask"] = tensors["cot_mask"].to(torch.uint8)
         tensors["answer_mask"] = tensors["answer_mask"].to(torch.uint8)
         tensors["ce"] = self.ce.detach().float().reshape(1).cpu()
@@ -114,11 +114,12 @@ class TeacherOutput:
         from safetensors.torch import load_file
 
         t = load_file(str(path), device=str(device))
-        missing = [f.name for f in fields(cls) if f.name not in t and f.name != "cache"]
+        missing = [f.name for f in fields(cls) if f.name not in t and f.name not in ("cache", "answer_logits")]
         if missing:
             raise ValueError(f"{path}: not a teacher extraction, missing tensors {missing}")
         t["cot_mask"], t["answer_mask"] = t["cot_mask"].bool(), t["answer_mask"].bool()
         t["ce"] = t["ce"][0]
+        t.setdefault("answer_logits", None)
         return cls(**t)
 
 
@@ -128,9 +129,12 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], d))
 
 
-def extract_teacher(model, batch: Batch, with_grad: bool = False, keep_cache: bool = False) -> TeacherOutput:
+def extract_teacher(model, batch: Batch, with_grad: bool = False, keep_cache: bool = False,
+                    with_logits: bool = True) -> TeacherOutput:
     """Run the teacher on a padded teacher batch and return its CE and the detached signals above.
-    ``keep_cache``: also return the pass's cache (the student can reuse its question columns)."""
+    ``keep_cache``: also return the pass's cache (the student can reuse its question columns).
+    ``with_logits=False`` skips the answer->CoT logits (a float32 ``[B, L, H_q, A, N]`` einsum that only the
+    notebooks read; training's compressor recomputes importance from the queries and keys)."""
     cot_n = int(batch.cot_len.max())
     a_index, a_mask = batch.answer_index()  # [B, A]
     P = batch.P
@@ -144,9 +148,11 @@ def extract_teacher(model, batch: Batch, with_grad: bool = False, keep_cache: bo
     keys = torch.stack([cache.layers[i].keys[:, :, P:P + cot_n] for i in range(L)], 1).detach()
     values = torch.stack([cache.layers[i].values[:, :, P:P + cot_n] for i in range(L)], 1).detach()
     q = torch.stack([_gather_rows(queries[i], a_index) for i in range(L)], 1)  # [B, L, H_q, A, d]
-    h_q, h_kv = q.shape[2], keys.shape[2]
-    k_rep = keys.repeat_interleave(h_q // h_kv, dim=2)  # [B, L, H_q, N, d]
-    logits = torch.einsum("blhad,blhnd->blhan", q.float(), k_rep.float()) * queries["scaling"]
+    logits = None
+    if with_logits:
+        h_q, h_kv = q.shape[2], keys.shape[2]
+        k_rep = keys.repeat_interleave(h_q // h_kv, dim=2)  # [B, L, H_q, N, d]
+        logits = torch.einsum("blhad,blhnd->blhan", q.float(), k_rep.float()) * queries["scaling"]
     hidden = torch.stack(out.hidden_states[1:], 1)  # [B, L, S, D]
     anchor = hidden.gather(2, batch.anchor[:, None, None, None].expand(-1, L, 1, hidden.shape[-1]))[:, :, 0]
     cot_ids = batch.input_ids[:, P:P + cot_n]

@@ -99,7 +99,7 @@ class KaVaObjective(nn.Module):
             out = model(input_ids=teacher_batch.input_ids, attention_mask=teacher_batch.attention_mask,
                         position_ids=teacher_batch.position_ids, labels=teacher_batch.labels)
             return kava_objective(cfg.loss, out.loss)
-        teacher = extract_teacher(model, teacher_batch, with_grad=True, keep_cache=True)
+        teacher = extract_teacher(model, teacher_batch, with_grad=True, keep_cache=True, with_logits=False)
         student = self.student(student_batch, question_cache=question_columns(teacher.cache, teacher_batch,
                                                                                student_batch))
         teacher.cache = None

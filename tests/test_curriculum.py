@@ -130,3 +130,16 @@ def test_sharing_the_teachers_question_cache_changes_neither_losses_nor_gradient
         assert torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-6), n
     assert question_columns(None, tb, sb) is None
     assert question_columns(object(), tb, collate(items[:2], "student", M=4)) is None  # other rows: no sharing
+
+
+def test_answer_logits_only_on_request_and_the_objective_skips_them(tiny_backbone, tmp_path):
+    from kava_lab.teacher import TeacherOutput, extract_teacher
+
+    b = tiny_backbone
+    items = [encode(e, b.tokenizer) for e in make_synthetic(2, trace="nl")]
+    tb = Collator.for_backbone(b)(items, "teacher")
+    full, lean = extract_teacher(b.model, tb), extract_teacher(b.model, tb, with_logits=False)
+    assert full.answer_logits is not None and lean.answer_logits is None
+    assert torch.equal(full.cot_keys, lean.cot_keys)
+    lean.save(tmp_path / "x.safetensors")
+    assert TeacherOutput.load(tmp_path / "x.safetensors").answer_logits is None
