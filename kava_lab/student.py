@@ -207,15 +207,13 @@ def greedy_decode(model, cache, suffix_ids, attention_mask, suffix_positions, eo
     cache = out.past_key_values
     next_pos = suffix_positions[torch.arange(B, device=device), last] + 1  # [B]
     mask = attention_mask
-    tokens: list[list[int]] = [[] for _ in range(B)]
+    out_ids = torch.full((B, max(max_new_tokens, 1)), eos_id, dtype=torch.long, device=device)  # [B, new]
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     passes = torch.ones(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)  # [B]
-        for i in (~done).nonzero().flatten().tolist():
-            if nxt[i].item() != eos_id:
-                tokens[i].append(nxt[i].item())
+        out_ids[:, step] = torch.where(done, eos_id, nxt)  # no per-example Python in the token loop
         lengths += (~done).long()
         done = done | (nxt == eos_id)
         if bool(done.all()) or step == max_new_tokens - 1:
@@ -227,4 +225,7 @@ def greedy_decode(model, cache, suffix_ids, attention_mask, suffix_positions, eo
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
         passes += (~done).long()
+    # tokens before each row's eos (or all of them when it never came), one conversion at the end
+    rows = out_ids[:, :max_new_tokens].tolist()
+    tokens = [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
     return Generation(tokens=tokens, lengths=lengths, forward_passes=passes)
