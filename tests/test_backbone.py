@@ -31,10 +31,24 @@ def test_tiny_is_llama_with_gqa(tiny_backbone):
     assert c.model_type == "llama" and c.num_key_value_heads < c.num_attention_heads
 
 
-def test_tiny_is_deterministic(tiny_backbone):
-    again = load_backbone("tiny")
-    for (n, p), (_, q) in zip(tiny_backbone.model.named_parameters(), again.model.named_parameters()):
+def test_tiny_is_deterministic(tmp_path, monkeypatch):
+    """Built twice from scratch into two empty caches (not the same cached folder read twice): same weights and
+    the same tokenizer; a different seed gives different weights."""
+    from kava_lab.backbone import TinyConfig
+
+    small = TinyConfig(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    built = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / name))
+        built.append(load_backbone("tiny", tiny=small))
+    a, b = built
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), n
+    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "c"))
+    other = load_backbone("tiny", tiny=TinyConfig(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                                  intermediate_size=64, seed=1))
+    assert not torch.equal(next(a.model.parameters()), next(other.model.parameters()))
 
 
 @pytest.mark.parametrize("spec", ["no-such-model", "./missing/folder", "missing.gguf"])
