@@ -84,13 +84,28 @@ def test_every_method_trains_and_evaluates(tmp_path, method):
     cfg = small_cfg(method, steps=2)
     run = train(cfg, tmp_path / method, log=lambda s: None)
     summary = evaluate_run(run, limit=4)
-    assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1
-    assert summary["kv_bytes"] > 0 and summary["latency_ms"] > 0
-    if method in ("pccot", "kava"):  # 1 prefill + T passes + answer tokens
-        assert summary["forward_passes"] >= 1 + cfg.latent.T + 1
-    if method == "codi":
-        assert summary["forward_passes"] >= 1 + cfg.latent.M + 1
+    assert summary["n"] == 4 and summary["latency_ms"] > 0
     assert (run / "eval.json").exists() and (run / "predictions.jsonl").exists()
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    from kava_lab.data import answers_match
+    from kava_lab.evaluate import kv_bytes_per_token
+
+    student, backbone, cfg = load_run(run)
+    tok, per_token = backbone.tokenizer, kv_bytes_per_token(student.model)
+    ids = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    # exact counts: latent passes (1 prefill + T Jacobi passes, or 1 + M sequential steps) plus one pass per
+    # generated token; the cache holds the prompt plus every generated token
+    base = {"cot": 0, "nocot": 0, "codi": 1 + cfg.latent.M, "pccot": 1 + cfg.latent.T, "kava": 1 + cfg.latent.T}[method]
+    for r in rows:
+        prompt = ids(r["question"]) + (1 + cfg.latent.M + 1 + ids(" " + cfg.encoding.answer_prompt)
+                                       if cfg.uses_latents else 0)
+        assert r["kv_bytes"] % per_token == 0
+        generated = r["kv_bytes"] // per_token - prompt
+        assert 1 <= generated <= cfg.max_new_tokens
+        assert r["forward_passes"] == base + generated, (r["forward_passes"], base, generated)
+        assert r["correct"] == answers_match(r["pred"], r["gold"])
+    assert summary["accuracy"] == sum(r["correct"] for r in rows) / 4
+    assert summary["forward_passes"] == sum(r["forward_passes"] for r in rows) / 4
 
 
 def test_config_round_trips(tmp_path):
