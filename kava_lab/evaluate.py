@@ -27,8 +27,9 @@ def kv_bytes_per_token(model) -> int:
     layers = c.num_hidden_layers
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    dtype = next(model.parameters()).dtype
-    return 2 * layers * heads * head_dim * torch.finfo(dtype).bits // 8
+    from .analysis import kv_cache_bytes  # the one formula
+
+    return kv_cache_bytes(1, layers, heads, head_dim, next(model.parameters()).dtype)
 
 
 def read_prediction(text: str, answer_prompt: str) -> float | None:

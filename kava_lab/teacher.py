@@ -96,7 +96,10 @@ class TeacherOutput:
 
     def nbytes(self) -> int:
         """Bytes of the CoT K/V cache actually held for valid tokens (both K and V, all layers)."""
-        per_token = self.cot_keys[0, :, :, 0].numel() * self.cot_keys.element_size() * 2
+        from .analysis import kv_cache_bytes  # the one formula
+
+        _, layers, heads, _, head_dim = self.cot_keys.shape
+        per_token = kv_cache_bytes(1, layers, heads, head_dim, self.cot_keys.dtype)
         return int(self.cot_mask.sum()) * per_token
 
     def save(self, path: str | Path) -> None:
