@@ -116,12 +116,15 @@ def live_controls(fn, controls: Mapping[str, Any], rows: Sequence[Sequence[str]]
 
 
 def token_label(text: str) -> str:
-    """A short, visible tick label for one token's text (whitespace shown as ``␣``, newline as ``⏎``)."""
+    """A short, visible tick label for one token's text (whitespace shown as ``␣``, newline as ``⏎``),
+    HTML-escaped: plotly reads tick text as HTML, so a raw ``</s>`` would break the figure's layout."""
+    import html
+
     s = text.replace("\n", "⏎").replace("\t", "⇥")
     stripped = s.strip()
     if not stripped:
         return "␣" * max(1, min(len(s), 3))
-    return stripped if len(stripped) <= 14 else stripped[:13] + "…"
+    return html.escape(stripped if len(stripped) <= 14 else stripped[:13] + "…", quote=False)
 
 
 def _cot_labels(ext, example: int, tokenizer=None) -> list[str]:
@@ -238,8 +241,8 @@ def attention_map(ext, example: int = 0, layer: int = 0, head: int = 0, tokenize
     else:
         rows = [f"a{j}" for j in range(a)]
     fig = go.Figure(go.Heatmap(
-        z=probs.tolist(), x=list(range(n)), y=list(range(a)), colorscale="Blues", zmin=0,
-        colorbar=dict(title="p"), text=[labels] * a, customdata=[[r] * n for r in rows],
+        z=probs.tolist(), x=list(range(n)), y=list(range(a)), colorscale="Blues", zmin=0, zmax=1,
+        colorbar=dict(title="share of CoT attention"),  # fixed 0-1: near-uniform attention stays pale text=[labels] * a, customdata=[[r] * n for r in rows],
         hovertemplate="answer token %{customdata}<br>CoT token %{x}: %{text}<br>p = %{z:.3f}<extra></extra>",
     ))
     if kept is not None:

@@ -51,3 +51,10 @@ def test_notebooks_reject_undeclared_papermill_parameters():
     with pytest.raises(NameError, match=r"\['methd'\]"):
         check_parameters({"method": 1, "methd": 2, "_i2": 3}, before=set(), declared=["method"])
     check_parameters({"method": 1, "json": 2}, before={"json"}, declared=["method"])
+
+
+def test_tick_labels_are_html_escaped_and_attention_uses_a_fixed_scale():
+    from kava_lab.viz import token_label
+
+    assert token_label("</s>") == "&lt;/s&gt;"
+    assert token_label(" apples") == "apples" and token_label("\n") == "⏎"
