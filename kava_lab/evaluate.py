@@ -69,10 +69,8 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
         if cfg.uses_latents:
             items = [without_answer(encode(e, tok, cfg.encoding, with_cot=False)) for e in chunk]
             batch = collate(items, "student", M=cfg.latent.M).to(device)
-            hook = None
-            if intervene is not None:
-                def hook(state, b, kind=intervene):
-                    apply_intervention(kind, student.model, state, b, seed=seed)
+            hook = None if intervene is None else (
+                lambda state, b: apply_intervention(intervene, student.model, state, b, seed=seed))
             gen = student.generate(batch, max_new_tokens=cfg.max_new_tokens, latent_hook=hook)
             prefix_text = cfg.encoding.answer_prompt
         else:  # cot / nocot: the model writes everything after the question itself

@@ -1,4 +1,6 @@
-"""The stage curriculum: schedule, student batches with the remaining CoT written out, restricted KV target."""
+"""The training objective's options: the stage curriculum (schedule, student batches with the remaining CoT
+written out, restricted KV target), the stage-0 cache key, the teacher's question columns reused by the student,
+and the answer logits computed only on request."""
 
 import dataclasses
 
