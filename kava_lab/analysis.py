@@ -24,7 +24,6 @@ What is here:
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import string

@@ -40,7 +40,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
