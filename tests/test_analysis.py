@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kava_lab import analysis as A
+from kava_lab import teacher as T
 from kava_lab import viz as V
 from kava_lab.compress import Compressed, compress_extraction, importance_scores
 from kava_lab.encoding import Collator, encode
@@ -106,8 +107,8 @@ def test_extract_many_matches_per_example(tiny_backbone, problems, extraction):
 
 def test_merge_outputs_pads_and_masks(extraction):
     ext, _ = extraction
-    a = A._take(ext, torch.tensor([0]))
-    b = A._take(ext, torch.tensor([1]))
+    a = T._take(ext, torch.tensor([0]))
+    b = T._take(ext, torch.tensor([1]))
     short = type(ext)(**{**vars(b), "cot_keys": b.cot_keys[..., :3, :], "cot_values": b.cot_values[..., :3, :],
                          "cot_mask": b.cot_mask[:, :3], "cot_ids": b.cot_ids[:, :3],
                          "answer_logits": b.answer_logits[..., :3]})
@@ -333,3 +334,28 @@ def test_live_controls_skip_initial_call():
     assert isinstance(box, widgets.VBox) and calls == []
     slider.value = 3
     assert calls == [3]
+
+
+def test_fresh_machine_uses_smollm2_on_the_embedded_gsm8k_sample(monkeypatch):
+    """No shared data folder but the SmolLM2 wheel: notebooks 01/02 show a pretrained model on real problems
+    (64 GSM8k test problems shipped in the package), not a random-init tiny model."""
+    import kava_lab.backbone as backbone_module
+    import kava_lab.loaders as loaders_module
+    from kava_lab.loaders import load_examples
+    from kava_lab.sources import GSM8K_SAMPLE
+
+    monkeypatch.delenv(A.SMALL_ENV, raising=False)
+    monkeypatch.setattr(backbone_module, "smollm2_gguf", lambda: GSM8K_SAMPLE.parent / "model.gguf")
+    monkeypatch.setattr(loaders_module, "find_shared_data", lambda: None)
+    choice = A.resolve_source("auto", "auto", 8)
+    assert (choice.backbone, choice.source, choice.n_examples) == ("smollm2-135m", str(GSM8K_SAMPLE), 8)
+    assert "64 GSM8k test problems" in choice.message and "no shared data folder" in choice.message
+    assert A.resolve_source("tiny", "auto", 8).backbone == "tiny"  # explicit parameters win
+    monkeypatch.setenv(A.SMALL_ENV, "1")
+    assert A.resolve_source("auto", "auto", 8).backbone == "tiny"  # CI's smoke runs stay tiny
+    # the sample ships with its licence and source, and reads in both trace views
+    assert "MIT License" in (GSM8K_SAMPLE.parent / "LICENSE-gsm8k").read_text()
+    assert "openai/grade-school-math" in (GSM8K_SAMPLE.parent / "SOURCE.md").read_text()
+    for trace in ("nl", "equation"):
+        examples = load_examples(str(GSM8K_SAMPLE), split=choice.split, trace=trace)
+        assert len(examples) == 64 and examples[0].answer == "18"
