@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .encoding import Encoded, EncodingConfig, encode
+from .scores import attention_mass
 from .teacher import extract_many, merge_outputs  # noqa: F401  (batched extraction lives with the teacher)
 from .sources import (SMALL_ENV, SourceChoice, load_notebook_backbone, paired_problems, pick_default_source,  # noqa: F401
                       pick_example, resolve_source, small_mode)
@@ -268,11 +269,7 @@ def importance_from_logits(answer_logits: Tensor, cot_mask: Tensor, answer_mask:
         raise ValueError(f"H_q={h_q} is not a multiple of num_kv_heads={num_kv_heads}")
     g = h_q // num_kv_heads
     x = answer_logits.float().reshape(b, n_layers, num_kv_heads, g, a, n).amax(dim=3)  # [B, L, H_kv, A, N]
-    km = cot_mask.bool()[:, None, None, None, :]
-    x = x.masked_fill(~km, torch.finfo(x.dtype).min)
-    p = torch.softmax(x, dim=-1).masked_fill(~km, 0.0)
-    qm = answer_mask.bool()[:, None, None, :, None].float()
-    return (p * qm).sum(dim=3) / qm.sum(dim=3).clamp(min=1.0)
+    return attention_mass(x, cot_mask.bool(), answer_mask.bool())  # the same last step as importance_scores
 
 
 def retained_attention(ext, comp, importance: Tensor | None = None) -> Tensor:
