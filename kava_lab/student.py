@@ -102,6 +102,9 @@ class Student(nn.Module):
         same columns). The prefill then runs ``[<bot>, latents]`` on top of it instead of re-encoding the
         question: the same values and, since both losses then read one tensor, the same gradients."""
         P, M, cfg = batch.P, batch.M, self.cfg
+        if M != cfg.M:  # the batch's latent columns and the student's configured slots must be one number
+            raise ValueError(f"the student batch has {M} latent columns but the student's LatentConfig.M is {cfg.M}; "
+                             "collate with M=cfg.latent.M")
         ids, am, pos = batch.input_ids, batch.attention_mask, batch.position_ids
         start = 0 if question_cache is None else P - 1  # first column this prefill encodes
         if question_cache is not None and question_cache.get_seq_length() != P - 1:

@@ -145,3 +145,10 @@ def test_greedy_decode_is_batch_independent_with_padding_and_stops_at_eos(bb):
     ran_on = [i for i in range(3) if i != r and len(together.tokens[i]) == 5 and eos not in together.tokens[i]]
     for i in ran_on:
         assert stopped.tokens[i] == together.tokens[i] and int(stopped.lengths[i]) == 5
+
+
+def test_batch_with_another_M_than_the_student_is_refused(bb):
+    """Batch.M drives the loop and LatentConfig.M sizes the student: a mismatch is an error, not a silent run."""
+    student = _student(bb, M=3)
+    with pytest.raises(ValueError, match="4 latent columns .* LatentConfig.M is 3"):
+        student.latent_loop(_batch(bb, M=4))
