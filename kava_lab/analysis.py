@@ -425,15 +425,32 @@ def format_bytes(n: float) -> str:
 # Run folder
 
 
-def write_figures(figures: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
-    """Write plotly figures as ``<name>.html`` into ``out_dir`` (created), sharing one ``plotly.min.js``
-    next to them so the folder is small and opens offline. Returns the paths written."""
+def write_figures(figures: Mapping[str, Any], out_dir: str | Path, plotlyjs: str = "shared") -> list[Path]:
+    """Write plotly figures as ``<name>.html`` into ``out_dir`` (created). Returns the paths written.
+
+    ``plotlyjs="shared"`` (default): one ``plotly.min.js`` in the parent of ``out_dir`` (written once, e.g.
+    ``runs/lab/plotly.min.js`` for every notebook of a ``make lab`` run), referenced as ``../plotly.min.js``, so
+    figure folders stay small and open offline side by side; ``"directory"``: a copy in ``out_dir`` itself
+    (a self-contained folder); ``"inline"``: the library inside every HTML file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if plotlyjs == "shared":
+        js = out.parent / "plotly.min.js"
+        if not js.is_file():
+            from plotly.offline import get_plotlyjs
+
+            tmp = js.with_suffix(".tmp")
+            tmp.write_text(get_plotlyjs(), encoding="utf-8")
+            tmp.replace(js)  # never a half-written library beside finished figures
+        include: str | bool = "../plotly.min.js"
+    elif plotlyjs in ("directory", "inline"):
+        include = "directory" if plotlyjs == "directory" else True
+    else:
+        raise ValueError(f"plotlyjs must be 'shared', 'directory' or 'inline', found {plotlyjs!r}")
     paths = []
     for name, fig in figures.items():
         path = out / f"{name}.html"
-        fig.write_html(str(path), include_plotlyjs="directory", full_html=True)
+        fig.write_html(str(path), include_plotlyjs=include, full_html=True)
         paths.append(path)
     return paths
 

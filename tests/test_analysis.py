@@ -301,8 +301,24 @@ def test_every_figure_has_data(tiny_backbone, extraction, comps, tmp_path):
     assert len(figures["kept_layer"].data[0].z) == ext.cot_keys.shape[2]
     ticks = figures["key_norms"].layout.xaxis.ticktext
     assert list(ticks[:3]) == [V.token_label(t) for t in A.cot_token_texts(tok, ext, example)[:3]]
-    paths = A.write_figures({"kept": figures["kept"]}, tmp_path)
+    paths = A.write_figures({"kept": figures["kept"]}, tmp_path / "01")
     assert paths[0].is_file() and (tmp_path / "plotly.min.js").is_file()
+
+
+def test_figure_folders_share_one_plotly_library(tmp_path):
+    """Every notebook's figure folder used to carry its own 4.8 MB plotly.min.js; now one copy serves them."""
+    fig = go.Figure(go.Bar(x=[1, 2], y=[3, 4]))
+    a = A.write_figures({"a": fig}, tmp_path / "01")
+    b = A.write_figures({"b": fig}, tmp_path / "02")
+    assert sorted(p.name for p in tmp_path.rglob("plotly*.js")) == ["plotly.min.js"]
+    for path in a + b:
+        html = path.read_text()
+        assert 'src="../plotly.min.js"' in html and len(html) < 100_000
+    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
+    inline = A.write_figures({"c": fig}, tmp_path / "03", plotlyjs="inline")[0]
+    assert inline.stat().st_size > 1_000_000
+    with pytest.raises(ValueError, match="plotlyjs must be"):
+        A.write_figures({"d": fig}, tmp_path / "04", plotlyjs="cdn")
 
 
 def test_token_label():
