@@ -91,7 +91,8 @@ class Student(nn.Module):
     # ----------------------------------------------------------------------------------- latent loop
     def _run(self, cache, embeds, attention_mask, position_ids):
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, output_hidden_states=True)
+                         past_key_values=cache, use_cache=True, output_hidden_states=True,
+                         logits_to_keep=1)  # latent passes read hidden states only: no [B, S, V] logits
         return out.past_key_values, out.hidden_states[-1]
 
     def latent_loop(self, batch: Batch, record: bool = False, question_cache=None) -> LatentState:
@@ -114,7 +115,7 @@ class Student(nn.Module):
         if cfg.mode == "jacobi":
             out = self.model(input_ids=ids[:, start:P + M], attention_mask=am[:, :P + M],
                              position_ids=pos[:, start:P + M], past_key_values=question_cache, use_cache=True,
-                             output_hidden_states=True)
+                             output_hidden_states=True, logits_to_keep=1)
             h = out.hidden_states[-1]  # [B, P+M-start, D]
             cache, passes = out.past_key_values, 1
             if record:
@@ -133,7 +134,8 @@ class Student(nn.Module):
             return LatentState(pass_cache, z, passes, trajectory)
         if cfg.mode == "sequential":
             out = self.model(input_ids=ids[:, start:P], attention_mask=am[:, :P], position_ids=pos[:, start:P],
-                             past_key_values=question_cache, use_cache=True, output_hidden_states=True)
+                             past_key_values=question_cache, use_cache=True, output_hidden_states=True,
+                             logits_to_keep=1)
             cache, passes = out.past_key_values, 1
             z = self.projection(out.hidden_states[-1][:, P - 1 - start:P - start])  # [B, 1, D] from <bot>
             inputs = []
