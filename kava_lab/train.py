@@ -1,7 +1,9 @@
 """The training loop, readable top to bottom: one objective, five methods, on ``accelerate``.
 
-One CPU or GPU by default; ``accelerate launch -m kava_lab.cli train ...`` runs several processes with no
-code change. bf16 autocast on CUDA, gradient accumulation to an effective batch, AdamW with warmup and
+One CPU or GPU by default; ``accelerate launch --num_processes N -m kava_lab.cli train ...`` (GPUs) or
+``torchrun --nproc_per_node N -m kava_lab.cli train ...`` (CPU processes over gloo) runs several processes with
+no code change: each takes its slice of every global batch, so N processes with accumulation A see the same
+examples per step as one process with accumulation N x A. bf16 autocast on CUDA, gradient accumulation to an effective batch, AdamW with warmup and
 cosine decay, gradient clipping, LoRA through peft for pretrained backbones (special-token rows
 trainable), full fine-tuning for the tiny preset.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import shutil
 import signal
@@ -184,10 +187,15 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
     run_dir.mkdir(parents=True, exist_ok=True)
 
     use_cuda = torch.cuda.is_available()
+    # Several processes on a machine without CUDA (torchrun --nproc_per_node N): accelerate only sets up its
+    # gloo process group (MULTI_CPU) when told cpu=True; otherwise every rank trains alone, as rank 0.
+    multi_cpu = not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
-        mixed_precision="bf16" if (use_cuda and cfg.optim.bf16) else "no",
+        cpu=multi_cpu, mixed_precision="bf16" if (use_cuda and cfg.optim.bf16) else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     world, rank = accelerator.num_processes, accelerator.process_index
+    if not accelerator.is_main_process:
+        log, progress = (lambda _s: None), False  # one voice: rank 0 logs, shows the bar, writes the files
     per_step = cfg.optim.batch_size * world
     if cfg.optim.effective_batch % per_step:
         raise ValueError(f"effective_batch={cfg.optim.effective_batch} is not a multiple of batch_size x processes "
