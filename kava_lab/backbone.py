@@ -14,7 +14,6 @@ Every backbone gets the special tokens ``<bot>``, ``<eot>``, ``<latent>`` and a 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -42,7 +41,9 @@ class TinyConfig:
     def key(self) -> str:
         from .synthetic import VERSION  # the tokenizer's vocabulary comes from the synthetic generator
 
-        return hashlib.sha1(json.dumps({**asdict(self), "synthetic": VERSION}, sort_keys=True).encode()).hexdigest()[:10]
+        from .runs import config_hash
+
+        return config_hash({**asdict(self), "synthetic": VERSION}, 10)
 
 
 @dataclass

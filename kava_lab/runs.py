@@ -1,5 +1,6 @@
 """Run folders and caches: building a run's model, checkpoints, loading a finished run, metrics, the cached
-stage-0 backbone, and the one small-mode switch. ``train.py`` keeps the objective and the loop.
+stage-0 backbone, short demo runs for notebooks called without a run folder, the one cache-key hash and the
+one small-mode switch. ``train.py`` keeps the objective and the loop.
 
 A run folder holds ``config.json``, ``versions.json``, ``metrics.jsonl`` and ``checkpoint/`` (trainable
 weights, optimizer, scheduler, RNG states, step), written atomically; ``load_run`` rebuilds the student from it.
@@ -38,6 +39,11 @@ def small_mode() -> bool:
     if value in ("", "0", "false", "no", "off"):
         return False
     raise ValueError(f"{SMALL_ENV}={os.environ[SMALL_ENV]!r}: expected one of 1/true/yes/on or 0/false/no/off")
+
+
+def config_hash(data, length: int = 12) -> str:
+    """The one cache-key digest (stage 0, the tiny backbone, demo runs): SHA-1 of the sorted JSON, truncated."""
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -201,8 +207,7 @@ def stage0_dir(cfg: RunConfig) -> Path:
         from .synthetic import VERSION
 
         key["synthetic_version"] = VERSION
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return cache_dir() / f"stage0-{digest}"
+    return cache_dir() / f"stage0-{config_hash(key, 12)}"
 
 
 def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:

@@ -269,17 +269,52 @@ def test_probes_on_collected_untrained_student(llama):
     assert dec.match_rate(data.slot_mask)["top1"].shape == (2,)
 
 
-def test_explore_draws_only_on_change():
+def test_live_controls_builds_widgets_from_specs_and_draws_only_on_change():
+    """The one widget helper (viz.live_controls) takes widgets or specs; nothing is drawn when the cell runs."""
     pytest.importorskip("ipywidgets")
+    from kava_lab import viz
+
     calls = []
 
     def show(example=2, kind="keys", control=False):
         calls.append((example, kind, control))
 
-    box = probe.explore(show, example=(0, 5), kind=["keys", "values"], control=False)
+    box = viz.live_controls(show, dict(example=(0, 5), kind=["keys", "values"], control=False))
     assert calls == []  # nothing drawn when the cell runs
     slider, dropdown, checkbox = box.children[0].children
     assert (slider.value, dropdown.value, checkbox.value) == (2, "keys", False)
     slider.value = 4
     dropdown.value = "values"
     assert calls == [(4, "keys", False), (4, "values", False)]
+
+
+def test_probe_figures_scale_to_the_data_and_name_what_they_show():
+    """Probe accuracies of 0.03-0.14 on a fixed 0-1 colour scale all looked alike, the majority-class rate was
+    called "chance", and the trajectory's grey lines had no legend entry."""
+    from kava_lab import viz
+
+    score = torch.tensor([[[0.03, 0.08], [0.14, 0.05]]])  # [K=1, L+1=2, M=2]
+    res = probe.ProbeResult(target="last_digit", metric="accuracy", step_names=["step 1"], score=score,
+                            control=score * 0.5, chance=torch.tensor([0.11]), n_train=torch.tensor([40]),
+                            n_test=torch.tensor([10]), lambdas=torch.ones_like(score), loo=torch.ones_like(score))
+    fig = viz.fig_probe(res, step=0)
+    heat = fig.data[0]
+    assert (heat.zmin, heat.zmax) == pytest.approx((0.03, 0.14))
+    assert "majority-class rate 0.11" in fig.layout.title.text and "chance" not in fig.layout.title.text
+    assert "majority 0.11" in heat.colorbar.ticktext
+    names = [b.name for b in viz.fig_probe_summary(res).data] if hasattr(res, "best") and res.best() else []
+    assert not names or "majority-class rate" in names
+    proj = probe.project_trajectory(torch.randn(3, 2, 4, 8), n_components=2)
+    traj = viz.fig_trajectory(proj, example=0)
+    grey = [t for t in traj.data if t.line.color == "lightgrey"]
+    assert len(grey) == 4 and sum(bool(t.showlegend) for t in grey) == 1
+    assert grey[0].name == "one slot across iterations"
+
+
+def test_cache_figures_keep_titles_and_distinct_ticks():
+    from kava_lab import viz
+
+    fig = viz.method_overlap(["rkv", "attention"], [[1.0, 0.4], [0.4, 1.0]])
+    assert fig.layout.width >= 560 and fig.layout.margin.t >= 90 and "<br>" in fig.layout.title.text
+    lay = viz.retained_by_layer({"rkv": {"per_layer": [0.704, 0.709, 0.706]}})
+    assert lay.layout.yaxis.tickformat == ".1%"

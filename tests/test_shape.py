@@ -14,7 +14,8 @@ def test_small_mode_is_one_rule_everywhere(monkeypatch, value, expected):
     from kava_lab import analysis, probe, runs
 
     monkeypatch.setenv("KAVA_LAB_SMALL", value)
-    assert runs.small_mode() is analysis.small_mode() is probe.small_mode() is expected
+    assert runs.small_mode() is analysis.small_mode() is expected
+    assert not hasattr(probe, "small_mode")  # one home: runs (analysis re-exports it for notebooks 01/02)
 
 
 def test_small_mode_rejects_a_value_it_cannot_read(monkeypatch):
@@ -58,3 +59,9 @@ def test_tick_labels_are_html_escaped_and_attention_uses_a_fixed_scale():
 
     assert token_label("</s>") == "&lt;/s&gt;"
     assert token_label(" apples") == "apples" and token_label("\n") == "⏎"
+
+
+def test_every_figure_lives_in_viz():
+    for path in PKG.rglob("*.py"):
+        if path.parent.name != "viz":
+            assert "plotly.graph_objects" not in path.read_text(), path  # figures are built in viz only

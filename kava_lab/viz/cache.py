@@ -1,173 +1,15 @@
-"""Plotly figures for the notebooks. Every function returns a ``plotly.graph_objects.Figure`` and does no
-I/O (write figures with :func:`kava_lab.analysis.write_figures`); the numbers behind them come from
-:mod:`kava_lab.analysis`.
-
-Token axes use positions ``0..n-1`` with the token text as tick labels (repeated tokens stay distinct),
-and the token text in the hover box. Pass ``tokenizer=`` to get text; without it ids are shown.
-
-:func:`setup_renderer` picks a renderer that shows figures live in JupyterLab and also embeds them in
-a notebook executed headless by papermill or nbmake, so the saved ``.ipynb`` shows them without re-running.
-"""
+"""Figures of notebooks 01 and 02: the teacher's trace and KV cache, and what compression keeps."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import plotly.graph_objects as go
 import torch
 
-from . import analysis as A
-
-__all__ = [
-    "setup_renderer",
-    "show_live",
-    "live_controls",
-    "token_label",
-    "trace_tokens_table",
-    "kv_norm_heatmap",
-    "attention_map",
-    "kept_tokens_heatmap",
-    "keep_frequency_heatmap",
-    "method_overlap",
-    "category_shares_bar",
-    "cot_length_histogram",
-    "retained_attention_bar",
-    "retained_by_layer",
-    "cache_size_bar",
-]
-
-RENDERER_ENV = "KAVA_LAB_PLOTLY_RENDERER"
-DEFAULT_RENDERER = "plotly_mimetype+notebook"
-SPAN_COLORS = {"question": "#e8eef7", "cot": "#fde9c9", "prompt": "#dff2e1", "answer": "#f6d5d5"}
-CATEGORY_COLORS = {"digit": "#1f77b4", "operator": "#d62728", "punct": "#bcbd22", "space": "#c7c7c7",
-                   "filler": "#9467bd", "content": "#2ca02c"}
-
-
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    ip = get_ipython()
-    return ip is not None and hasattr(ip, "kernel")
-
-
-def setup_renderer(renderer: str | None = None) -> str:
-    """Set plotly's default renderer and return its name.
-
-    In a Jupyter kernel the default is ``"plotly_mimetype+notebook"``: JupyterLab draws the
-    ``application/vnd.plotly.v1+json`` output natively, and the HTML part (plotly.js embedded once per
-    notebook) keeps the figures visible in an ``.ipynb`` executed headless by papermill/nbmake and opened
-    anywhere, with no re-run and no internet. Override with ``renderer=`` or ``$KAVA_LAB_PLOTLY_RENDERER``
-    (e.g. ``"notebook_connected"`` for smaller files, ``"browser"`` from a script). Outside a kernel the
-    current default is kept unless one is given.
-    """
-    import plotly.io as pio
-
-    chosen = renderer or os.environ.get(RENDERER_ENV)
-    if not chosen:
-        if not _in_kernel():
-            return pio.renderers.default
-        chosen = DEFAULT_RENDERER
-    pio.renderers.default = chosen
-    return chosen
-
-
-def show_live(fig: go.Figure) -> None:
-    """Show a figure from inside an ipywidgets callback (``interactive_output``): plotly's JSON mimetype
-    only, which JupyterLab, Notebook 7 and VS Code draw natively.
-
-    The HTML renderers are avoided there on purpose: when papermill/nbmake (nbclient) execute a notebook
-    headless, a large HTML output inside an ``Output`` widget makes nbclient stall echoing the widget's
-    state back to the kernel (observed with nbclient 0.11 and a 90x90 heatmap). Render the static figure
-    with ``fig.show()`` outside the widget so the executed notebook still shows it, and build the controls
-    with :func:`live_controls`.
-    """
-    fig.show(renderer="plotly_mimetype")
-
-
-def live_controls(fn, controls: Mapping[str, Any], rows: Sequence[Sequence[str]] | None = None):
-    """ipywidgets controls that call ``fn(**values)`` whenever a value changes, and its output area.
-
-    Built on ``widgets.interactive_output``, except that the initial call is skipped: the notebook shows
-    the default figures statically right above, and a headless run (papermill, nbmake) then produces no
-    output inside the widget at all (nbclient can stall on large outputs there, see :func:`show_live`).
-    ``fn`` should draw with :func:`show_live`. ``rows``: names of the controls per row (default one row).
-    Returns a ``VBox`` to ``display``.
-    """
-    import ipywidgets as widgets
-
-    state = {"initial": True}
-
-    def redraw(**values):
-        if state["initial"]:
-            state["initial"] = False
-            return
-        fn(**values)
-
-    out = widgets.interactive_output(redraw, dict(controls))
-    rows = rows or [list(controls)]
-    return widgets.VBox([widgets.HBox([controls[k] for k in row]) for row in rows] + [out])
-
-
-# --------------------------------------------------------------------------------------------------------
-# helpers
-
-
-def token_label(text: str) -> str:
-    """A short, visible tick label for one token's text (whitespace shown as ``␣``, newline as ``⏎``),
-    HTML-escaped: plotly reads tick text as HTML, so a raw ``</s>`` would break the figure's layout."""
-    import html
-
-    s = text.replace("\n", "⏎").replace("\t", "⇥")
-    stripped = s.strip()
-    if not stripped:
-        return "␣" * max(1, min(len(s), 3))
-    return html.escape(stripped if len(stripped) <= 14 else stripped[:13] + "…", quote=False)
-
-
-def _cot_labels(ext, example: int, tokenizer=None) -> list[str]:
-    n = int(ext.cot_mask[example].sum())
-    if tokenizer is None:
-        return [str(int(i)) for i in ext.cot_ids[example, :n]]
-    return [token_label(t) for t in A.cot_token_texts(tokenizer, ext, example)]
-
-
-def _token_axis(fig: go.Figure, labels: Sequence[str], title: str = "CoT token", axis: str = "x") -> None:
-    n = len(labels)
-    step = max(1, -(-n // 120))  # at most ~120 tick labels
-    vals = list(range(0, n, step))
-    spec = dict(tickmode="array", tickvals=vals, ticktext=[labels[i] for i in vals], title=title)
-    if axis == "x":
-        spec["tickangle"] = -60 if n > 12 else 0
-        fig.update_xaxes(**spec)
-    else:
-        fig.update_yaxes(autorange="reversed", **spec)
-
-
-def _row_labels(n_layers: int, n_heads: int, layer: int | None) -> list[str]:
-    if layer is not None:
-        return [f"L{layer} h{h}" for h in range(n_heads)]
-    return [f"L{l} h{h}" for l in range(n_layers) for h in range(n_heads)]
-
-
-def _rows_height(rows: int, base: int = 180, per_row: int = 9, minimum: int = 320, maximum: int = 1100) -> int:
-    return int(min(maximum, max(minimum, base + per_row * rows)))
-
-
-def _empty(title: str, message: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(title=title, height=240)
-    return fig
-
-
-def _layer_rows(x: torch.Tensor, layer: int | None) -> torch.Tensor:
-    """[L, H, n] -> rows [L*H, n] (or [H, n] for one layer)."""
-    if layer is not None:
-        return x[layer]
-    return x.reshape(-1, x.shape[-1])
+from .. import analysis as A
+from .common import (CATEGORY_COLORS, SPAN_COLORS, _cot_labels, _empty, _layer_rows, _row_labels, _rows_height,
+                     _token_axis, token_label)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -351,9 +193,12 @@ def method_overlap(names: Sequence[str], matrix, title: str | None = None) -> go
         z=z, x=list(names), y=list(names), zmin=0, zmax=1, colorscale="Purples", texttemplate="%{z:.2f}",
         colorbar=dict(title="Jaccard"), hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>",
     ))
-    fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=title or "Overlap of kept sets (mean Jaccard over examples, layers, heads)",
-                      height=max(320, 140 + 45 * len(names)), width=max(420, 200 + 60 * len(names)))
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    fig.update_xaxes(automargin=True)
+    # the title used to run past a 420 px wide figure and was clipped: two short lines, room above the plot
+    fig.update_layout(title=dict(text=title or "Overlap of kept sets<br><sup>mean Jaccard over examples, layers, "
+                                 "heads</sup>", x=0.02, xanchor="left"), margin=dict(t=90),
+                      height=max(360, 180 + 45 * len(names)), width=max(560, 240 + 60 * len(names)))
     return fig
 
 
@@ -413,41 +258,11 @@ def retained_by_layer(summary: Mapping[str, Mapping[str, Any]], title: str | Non
     for method, s in summary.items():
         fig.add_trace(go.Scatter(y=s["per_layer"], x=list(range(len(s["per_layer"]))), mode="lines+markers",
                                  name=method))
-    fig.update_layout(xaxis_title="layer", yaxis=dict(title="attention mass retained", tickformat=".0%"),
+    # values often differ only in the first decimal of a percent (e.g. 70.4% vs 70.9%): ".0%" ticks all read
+    # "70%"/"71%", so ticks and hover carry one decimal
+    for trace in fig.data:
+        trace.hovertemplate = "layer %{x}: %{y:.2%}<extra>%{fullData.name}</extra>"
+    fig.update_layout(xaxis=dict(title="layer", dtick=1),
+                      yaxis=dict(title="attention mass retained", tickformat=".1%"),
                       title=title or "Retained answer→CoT attention per layer", height=360)
-    return fig
-
-
-# --------------------------------------------------------------------------------------------------------
-# training (notebook 03)
-
-LOSS_TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv")
-
-
-def loss_curves(history: Sequence[Mapping[str, Any]], title: str = "loss terms") -> go.Figure:
-    """One line per logged loss term against the optimizer step (log scale), from ``metrics.jsonl`` records."""
-    fig = go.Figure(layout=dict(title=title, xaxis_title="step", yaxis_title="value", yaxis_type="log",
-                                height=380, legend=dict(orientation="h")))
-    steps = [r["step"] for r in history]
-    for term in LOSS_TERMS:
-        if history and term in history[-1]:
-            fig.add_scatter(x=steps, y=[r.get(term) for r in history], mode="lines", name=term)
-    return fig
-
-
-def fig_interventions(results: dict) -> go.Figure:
-    """Accuracy of the untouched run and under each latent intervention, by number of steps and overall.
-
-    ``results``: :func:`kava_lab.evaluate.evaluate_interventions` output, ``{"plain": summary, kind: summary}``."""
-    steps = sorted({int(k) for s in results.values() for k in s.get("accuracy_by_steps", {})})
-    labels = [f"{n} steps" for n in steps] + ["all"]
-    fig = go.Figure()
-    for kind, summary in results.items():
-        by = summary.get("accuracy_by_steps", {})
-        values = [100 * by[str(n)] if str(n) in by else None for n in steps] + [100 * summary["accuracy"]]
-        fig.add_bar(name="untouched" if kind == "plain" else kind, x=labels, y=values,
-                    hovertemplate="%{x}: %{y:.1f}%<extra>" + kind + "</extra>")
-    fig.update_layout(barmode="group", height=420, margin=dict(t=60, l=60, r=20, b=40),
-                      title="Do the answers read the latents? Accuracy with the latent cache intervened on",
-                      yaxis=dict(title="accuracy (%)", range=[0, 100]), legend_title_text="latent cache")
     return fig
