@@ -61,7 +61,9 @@ def test_tick_labels_are_html_escaped_and_attention_uses_a_fixed_scale():
     assert token_label(" apples") == "apples" and token_label("\n") == "⏎"
 
 
-def test_every_figure_lives_in_viz():
+def test_every_module_is_under_500_lines_and_every_figure_lives_in_viz():
+    sizes = {str(p.relative_to(PKG)): len(p.read_text().splitlines()) for p in PKG.rglob("*.py")}
+    assert max(sizes.values()) < 500, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
     for path in PKG.rglob("*.py"):
         if path.parent.name != "viz":
             assert "plotly.graph_objects" not in path.read_text(), path  # figures are built in viz only
