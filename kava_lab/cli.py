@@ -15,7 +15,27 @@ import sys
 import time
 from pathlib import Path
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # a source checkout (or editable install)
+NOTEBOOK_DATA = ("share", "kava_lab", "notebooks")  # where a wheel installs them (pyproject: data-files)
+
+
+def notebook_dir() -> Path:
+    """The folder holding the four notebooks: the source checkout's ``notebooks/``, else the copy a
+    non-editable install put under ``<prefix>/share/kava_lab/notebooks`` (sys.prefix, the user base)."""
+    import site
+    import sysconfig
+
+    if any(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")):
+        return NOTEBOOK_DIR
+    bases = [sysconfig.get_path("data"), sys.prefix, getattr(site, "USER_BASE", None)]
+    tried = []
+    for base in dict.fromkeys(b for b in bases if b):
+        folder = Path(base).joinpath(*NOTEBOOK_DATA)
+        tried.append(str(folder))
+        if any(folder.glob("[0-9][0-9]_*.ipynb")):
+            return folder
+    raise FileNotFoundError(f"no notebooks found: not in {NOTEBOOK_DIR} (a source checkout) nor in {tried} "
+                            "(an installed wheel); reinstall kava_lab or run from a clone of the repository")
 
 
 def _train(args) -> int:
@@ -116,7 +136,11 @@ def run_notebooks(out: Path, small: bool = False, names: list[str] | None = None
     if small:
         os.environ["KAVA_LAB_SMALL"] = "1"
     done = []
-    for nb in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")):
+    folder = notebook_dir()
+    # from a checkout, notebooks run where they live (their relative defaults, ../shared/data); an installed
+    # copy may be read-only, so it runs in the output folder (every path it writes is passed in absolute)
+    cwd = folder if folder == NOTEBOOK_DIR else out
+    for nb in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
         if names and not any(nb.name.startswith(n) for n in names):
             continue
         params = {"out_dir": str(out / nb.stem)}
@@ -125,7 +149,7 @@ def run_notebooks(out: Path, small: bool = False, names: list[str] | None = None
         target = out / nb.name
         t0 = time.perf_counter()
         print(f"running {nb.name} -> {target}", flush=True)
-        papermill.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
+        papermill.execute_notebook(str(nb), str(target), parameters=params, cwd=str(cwd),
                                    progress_bar=False)
         print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
         done.append(target)
