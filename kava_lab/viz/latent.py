@@ -97,8 +97,8 @@ def fig_trajectory(proj: TrajectoryProjection, example: int = 0, dims: int = 2, 
                               text=[str(j + 1) for j in range(M)], **mode_kw))
     fig = go.Figure(traces)
     ev = ", ".join(f"PC{a + 1} {float(proj.explained[a]):.0%}" for a in range(dims))
-    fig.update_layout(title=f"latent trajectory, example {example} ({ev} of variance); numbers: slots, grey: each "
-                            "slot's path across iterations", height=500)
+    fig.update_layout(title=f"latent trajectory, example {example}<br><sup>{ev} of variance; numbers: slots; grey: "
+                            "each slot's path across iterations</sup>", margin=dict(t=90), height=500)
     if dims == 2:
         fig.update_layout(xaxis_title="PC1", yaxis_title="PC2")
     return fig
@@ -166,7 +166,8 @@ def fig_probe_summary(result: ProbeResult):
     x = [r["step"] for r in rows]
     fig = go.Figure([
         go.Bar(name="probe at the site chosen on training problems (held-out)", x=x,
-               y=[r[result.metric] for r in rows], text=[f"L{r['layer']} s{r['slot'] + 1}" for r in rows]),
+               y=[r[result.metric] for r in rows],  # the chosen site in the hover (as bar text it was unreadable)
+               hovertext=[f"layer {r['layer']}, slot {r['slot'] + 1}" for r in rows]),
         go.Bar(name="max over sites (held-out, optimistic)", x=x, y=[r["max_over_sites"] for r in rows]),
         go.Bar(name="shuffled labels (same site)", x=x, y=[r["control"] for r in rows]),
         go.Bar(name="shuffled labels (max over sites)", x=x, y=[r["control_max"] for r in rows]),
