@@ -253,3 +253,71 @@ def load_run(run_dir: str | Path, device=None) -> tuple[Student, Backbone, RunCo
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ------------------------------------------------------------------------ short demo runs for notebooks
+
+def demo_config(method: str = "kava", small: bool | None = None, steps: int | None = None,
+                stage0_steps: int | None = None, trace: str | None = None,
+                train_limit: int | None = None) -> RunConfig:
+    """The config of a short tiny run for notebooks called without a run folder.
+
+    Default: the tiny preset with ``steps=100`` of ``method``. Its stage 0 (CoT pretraining of the
+    from-scratch backbone) is the preset's own when that is already in the cache (no cost: data and batch
+    are left as the preset has them, since the stage-0 cache key includes them), else a short one of
+    ``stage0_steps=200``. Small mode (``KAVA_LAB_SMALL=1``): 20 stage-0 steps + 20 steps of batch 8 on 500
+    problems, a smoke test whose latents carry little.
+    """
+    from .config import get_preset
+
+    small = small_mode() if small is None else small
+    cfg = get_preset("tiny", method, trace=trace)
+    steps = steps if steps is not None else (20 if small else 100)
+    optim = replace(cfg.optim, steps=steps)
+    data = cfg.data
+    if small:
+        optim = replace(optim, batch_size=8, effective_batch=8)
+        data = replace(data, train_limit=500)
+    if train_limit is not None:
+        data = replace(data, train_limit=train_limit)
+    cfg = replace(cfg, log_every=10, save_every=max(steps, 1), data=data, optim=optim)
+    if stage0_steps is None:
+        full_cached = (stage0_dir(cfg) / "model" / "config.json").exists()
+        stage0_steps = 20 if small else (cfg.stage0_steps if full_cached else 200)
+    return replace(cfg, stage0_steps=stage0_steps)
+
+
+def _finished_steps(run_dir: Path) -> int | None:
+    """The step of ``run_dir``'s last checkpoint, or None when it has no config or checkpoint."""
+    ckpt = checkpoint_path(run_dir) if (run_dir / "config.json").exists() else None
+    return None if ckpt is None else json.loads((ckpt / "step.json").read_text())["step"]
+
+
+def demo_run(method: str = "kava", small: bool | None = None, log: Callable[[str], None] = print,
+             root: str | Path | None = None, reuse=(), **overrides) -> Path:
+    """A run folder to probe when none is given: the first of ``reuse`` that holds a finished latent run
+    (e.g. notebook 03's ``runs/03/run``), else a short tiny run trained (or reused, or resumed) in
+    ``<cache>/probe-demo/<method>-<digest>`` (or under ``root``). ``overrides`` go to :func:`demo_config`.
+    Says which through ``log``."""
+    from . import synthetic
+    from .train import train  # train imports this module
+
+    for candidate in map(Path, reuse):
+        step = _finished_steps(candidate)
+        c = RunConfig.load(candidate / "config.json") if step is not None else None
+        if c is not None and c.uses_latents and step >= c.optim.steps:
+            log(f"reusing the finished {c.method} run {candidate.resolve()} ({c.optim.steps} steps, stage 0: "
+                f"{c.stage0_steps} steps)")
+            return candidate
+    cfg = demo_config(method, small=small, **overrides)
+    key = {**cfg.to_dict(), "synthetic_version": getattr(synthetic, "VERSION", None)}  # never reuse stale data
+    folder = Path(root) if root is not None else cache_dir() / "probe-demo"
+    run_dir = folder / f"{method}-{config_hash(key, 10)}"
+    step = _finished_steps(run_dir)
+    if step is not None and step >= cfg.optim.steps and RunConfig.load(run_dir / "config.json") == cfg:
+        log(f"reusing the cached {method} demo run {run_dir} ({cfg.optim.steps} steps, stage 0: "
+            f"{cfg.stage0_steps} steps)")
+        return run_dir
+    log(f"training a short {method} demo run into {run_dir}: stage 0 {cfg.stage0_steps} steps (cached when "
+        f"already built), then {cfg.optim.steps} steps on {cfg.data.train_limit} problems")
+    return train(cfg, run_dir, resume="auto", log=log)

@@ -124,3 +124,22 @@ def test_methods_are_settings_of_one_objective():
     assert get_preset("tiny", "cot").latent.mode == "none"
     with pytest.raises(ValueError, match="unknown method"):
         get_preset("tiny", "magic")
+
+
+def test_demo_run_trains_once_then_reuses(tmp_path):
+    """Notebook 04's fallback: a short tiny run trained into a folder keyed by its config, reused on the
+    next call; a finished latent run given in ``reuse`` wins over both."""
+    from kava_lab.runs import demo_config, demo_run
+
+    cfg = demo_config("kava", small=True, steps=2, stage0_steps=2, train_limit=16)
+    assert (cfg.method, cfg.optim.steps, cfg.stage0_steps, cfg.optim.batch_size) == ("kava", 2, 2, 8)
+    said = []
+    first = demo_run("kava", small=True, root=tmp_path, log=said.append, steps=2, stage0_steps=2, train_limit=16)
+    assert "training a short kava demo run" in said[0]
+    said.clear()
+    again = demo_run("kava", small=True, root=tmp_path, log=said.append, steps=2, stage0_steps=2, train_limit=16)
+    assert again == first and said[0].startswith("reusing the cached kava demo run"), said
+    said.clear()
+    assert demo_run("kava", small=True, root=tmp_path / "other", log=said.append, reuse=[tmp_path / "none", first],
+                    steps=3) == first
+    assert said[0].startswith("reusing the finished kava run"), said
