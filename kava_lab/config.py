@@ -47,6 +47,9 @@ class LossConfig:
     # keys compared by the KV loss: "post_rope" (as the cache holds them, the paper's default) or "pre_rope"
     # (both sides rotated back to position 0, so a latent slot need not reproduce its CoT token's position)
     kv_keys: str = "post_rope"
+    # step-level auxiliary loss (SIM-CoT-style, kava_lab.step_loss): each replaced CoT step decoded from one
+    # latent alone; 0 = off (every preset)
+    a_step: float = 0.0
 
 
 @dataclass(frozen=True)

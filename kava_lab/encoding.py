@@ -116,6 +116,7 @@ class Batch:
     # student batches under a curriculum: CoT tokens (from the start of the teacher's CoT) that the latents
     # replace, [B]; None when the latents replace the whole CoT (the ordinary student)
     cot_latent_len: torch.Tensor | None = None
+    step_lens: list = field(default_factory=list)  # teacher batches: tokens of each CoT step, per row
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -211,7 +212,8 @@ class Collator:
                           if mode == "student" and latent_steps is not None else None)
         return Batch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                      P=P, M=M if mode == "student" else 0, examples=[it.example for it in items],
-                     cot_latent_len=cot_latent_len, **spans)
+                     cot_latent_len=cot_latent_len,
+                     step_lens=[tuple(it.cot_step_lens) for it in items] if mode == "teacher" else [], **spans)
 
 
 def without_answer(item: Encoded, keep_prompt: bool = True) -> Encoded:

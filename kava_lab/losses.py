@@ -1,6 +1,6 @@
 """The KaVa objective (kava-method.md §4): KV distillation, CODI distillation, and their combination.
 
-    L = teacher_weight * L_teacher + L_student + a1 * L_CODI + a2 * L_KV
+    L = teacher_weight * L_teacher + L_student + a1 * L_CODI + a2 * L_KV  (+ a_step * L_step, optional)
 
 Teacher-side tensors are always detached here, whatever the caller passes.
 """
@@ -79,7 +79,8 @@ def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, norm: 
 
 
 def kava_objective(cfg: LossConfig, teacher_ce: torch.Tensor, student_ce: torch.Tensor | None = None,
-                   codi: torch.Tensor | None = None, kv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   codi: torch.Tensor | None = None, kv: torch.Tensor | None = None,
+                   step: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Combine the terms; returns every term separately (``loss`` is the total) for logging."""
     terms = {"teacher_ce": teacher_ce}
     total = cfg.teacher_weight * teacher_ce
@@ -92,5 +93,8 @@ def kava_objective(cfg: LossConfig, teacher_ce: torch.Tensor, student_ce: torch.
     if kv is not None:
         terms["kv"] = kv
         total = total + cfg.a2 * kv
+    if step is not None:
+        terms["step_ce"] = step
+        total = total + cfg.a_step * step
     terms["loss"] = total
     return terms

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 # --------------------------------------------------------------------------------------------------------
 # training (notebook 03)
 
-LOSS_TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv")
+LOSS_TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv", "step_ce")
 
 
 def loss_curves(history: Sequence[Mapping[str, Any]], title: str = "loss terms") -> go.Figure:
