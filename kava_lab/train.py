@@ -253,7 +253,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.optim.steps, initial=start, desc=f"{cfg.method} steps", unit="step", mininterval=2)
-        log = bar.write  # log lines above the bar, not through it
+        if log is print:  # printed lines go above the bar, not through it; a caller's own log is kept
+            log = bar.write
     try:
         for step in range(start, cfg.optim.steps):
             t0 = time.perf_counter()

@@ -34,6 +34,11 @@ def test_notebook_03_keeps_one_live_loss_figure(tmp_path, monkeypatch):
     logged = sum(1 for line in (tmp_path / "out" / "run" / "metrics.jsonl").read_text().splitlines() if line.strip())
     assert logged >= 2, logged  # several updates happened ...
     assert _figures(training[0]) == 1  # ... into one figure
+    # stage 0 shows its progress bar and one closing line, not every logged step (log=lambda s: None is silent;
+    # the bar once replaced it with bar.write: 120 stream outputs in a default run)
+    stage0 = [c for c in cells if c["cell_type"] == "code" and "ensure_stage0(cfg" in "".join(c["source"])]
+    streams = [o for o in stage0[0]["outputs"] if o.get("output_type") == "stream" and "step=" in "".join(o["text"])]
+    assert not streams, streams[:2]
 
 
 def _kava_imports(source: str):
