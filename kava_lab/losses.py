@@ -60,6 +60,25 @@ def kv_loss(student_k: torch.Tensor, student_v: torch.Tensor, teacher_k: torch.T
     return total / 2
 
 
+def kv_content_floor(teacher_k: torch.Tensor, teacher_v: torch.Tensor, slot_mask: torch.Tensor,
+                     kind: str = "smooth_l1", layer_std: bool = True) -> torch.Tensor:
+    """The KV loss of a content-free student: one that answers every problem with the mean target of the
+    *other* problems in the batch (per layer, head and slot; leave-one-out). A diagnostic, never a loss term:
+    ``kv`` below this floor means the latents carry something specific to their problem; ``kv`` near it means
+    they only reproduce what every problem's compressed cache shares (position, slot order, common tokens).
+
+    teacher_k/v: ``[B, L, H_kv, M, d]``; slot_mask: ``[B, L, H_kv, M]`` (or ``[B, M]``)."""
+    with torch.no_grad():
+        if slot_mask.dim() == 2:
+            B, L, H, M, _ = teacher_k.shape
+            slot_mask = slot_mask[:, None, None, :].expand(B, L, H, M)
+        m = slot_mask[..., None].to(teacher_k.dtype)  # [B, L, H, M, 1]
+        others = (m.sum(0, keepdim=True) - m).clamp(min=1)  # valid rows other than this one
+        loo_k = ((teacher_k * m).sum(0, keepdim=True) - teacher_k * m) / others  # [B, L, H, M, d]
+        loo_v = ((teacher_v * m).sum(0, keepdim=True) - teacher_v * m) / others
+        return kv_loss(loo_k, loo_v, teacher_k, teacher_v, slot_mask, kind=kind, layer_std=layer_std)
+
+
 def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, norm: str = "global") -> torch.Tensor:
     """Smooth-L1 between anchor hidden states ``[B, L, D]``, each layer divided by a teacher scale.
 

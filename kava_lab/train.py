@@ -34,7 +34,7 @@ from torch import nn
 from .compress import compress_extraction, compressor_from_config
 from .config import RunConfig
 from .encoding import Collator, Encoded, encode
-from .losses import codi_loss, kava_objective, kv_loss
+from .losses import codi_loss, kava_objective, kv_content_floor, kv_loss
 from .step_loss import step_decoding_loss
 from .runs import (  # noqa: F401  (re-exported: run folders live in runs.py)
     NonFiniteLoss, _set_rng_state, apply_lora, build_student, checkpoint_path, ensure_stage0, load_run,
@@ -125,9 +125,14 @@ class KaVaObjective(nn.Module):
                 raise ValueError(f"loss.kv_keys must be 'post_rope' or 'pre_rope', found {cfg.loss.kv_keys!r}")
             kv = kv_loss(s_keys, student.latent_values, t_keys, target.values,
                          target.slot_mask, kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std)
+            kv_floor = kv_content_floor(t_keys, target.values, target.slot_mask, kind=cfg.loss.kv_loss,
+                                        layer_std=cfg.loss.layer_std)
         step = (step_decoding_loss(model, student.latents, teacher_batch, student_batch.cot_latent_len)
                 if cfg.loss.a_step > 0 else None)
-        return kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv, step)
+        terms = kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv, step)
+        if kv is not None:
+            terms["kv_floor"] = kv_floor  # diagnostic only: not in the loss (losses.kv_content_floor)
+        return terms
 
 
 # ------------------------------------------------------------------------------------------------ data

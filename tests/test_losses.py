@@ -4,7 +4,7 @@ import torch
 from kava_lab.backbone import TinyConfig
 from kava_lab.config import LatentConfig, LossConfig, get_preset
 from kava_lab.encoding import Collator, encode
-from kava_lab.losses import codi_loss, kava_objective, kv_loss
+from kava_lab.losses import codi_loss, kava_objective, kv_content_floor, kv_loss
 from kava_lab.student import Student
 from kava_lab.synthetic import make_synthetic
 from kava_lab.train import KaVaObjective, apply_lora
@@ -37,6 +37,39 @@ def test_kv_loss_layer_std_normalises_scale():
     assert max(per_layer) / min(per_layer) < 2  # comparable after normalisation
     raw = kv_loss(s, s, t, t, mask, "mse", layer_std=False)
     assert raw > 10 * kv_loss(s, s, t, t, mask, "mse")
+
+
+def test_kv_content_floor_is_the_loss_of_predicting_the_other_problems_mean():
+    torch.manual_seed(0)
+    shared = torch.randn(1, 2, 2, 5, 4) * 3  # what every problem's compressed cache shares
+    own = torch.randn(4, 2, 2, 5, 4)  # what is specific to each problem
+    t_k, t_v = shared + own, shared - own
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    floor = kv_content_floor(t_k, t_v, mask, "mse")
+    # by hand: each row predicted by the mean of the three others
+    loo = lambda t: torch.stack([t[[j for j in range(4) if j != i]].mean(0) for i in range(4)])
+    assert torch.allclose(floor, kv_loss(loo(t_k), loo(t_v), t_k, t_v, mask, "mse"))
+    # a student that knows each problem beats the floor; one that reproduces only the shared part does not
+    knows = kv_loss(t_k + 0.1 * torch.randn_like(t_k), t_v, t_k, t_v, mask, "mse")
+    shared_only = kv_loss(shared.expand_as(t_k), shared.expand_as(t_v), t_k, t_v, mask, "mse")
+    assert knows < 0.1 * floor and shared_only > 0.5 * floor
+    # a masked-out row's garbage neither enters the other rows' means nor the loss
+    mask[2, 3:] = False
+    t_k2 = t_k.clone()
+    t_k2[2, :, :, 3:] = 1e6
+    assert torch.allclose(kv_content_floor(t_k2, t_v, mask, "mse"), kv_content_floor(t_k, t_v, mask, "mse"))
+
+
+def test_kava_objective_logs_the_kv_floor_outside_the_loss(small_llama):
+    b = small_llama
+    cfg = get_preset("tiny", "kava")
+    cfg = cfg.__class__(**{**cfg.__dict__, "latent": LatentConfig(mode="jacobi", M=4, T=1)})
+    objective = KaVaObjective(Student(b.model, cfg.latent, b.eos_id, b.eot_id), cfg)
+    with torch.no_grad():
+        terms = objective(*_batches(b, 4))
+    assert terms["kv_floor"] > 0 and not terms["kv_floor"].requires_grad
+    loss = terms["teacher_ce"] + terms["student_ce"] + cfg.loss.a1 * terms["codi"] + cfg.loss.a2 * terms["kv"]
+    assert torch.allclose(terms["loss"], loss)
 
 
 def test_teacher_targets_carry_no_gradient():
@@ -121,3 +154,13 @@ def test_codi_norm_examples_measures_the_residual_against_the_spread_between_exa
     assert e > 100 * g  # measured against what differs between problems, it is not
     with pytest.raises(ValueError, match="normalisation"):
         codi_loss(student, teacher, "batch")
+
+
+def test_loss_curves_draw_the_kv_floor_as_a_dotted_diagnostic():
+    from kava_lab.viz import loss_curves
+
+    history = [{"step": s, "loss": 2.0 / s, "kv": 1.0 / s, "kv_floor": 0.5} for s in (1, 2, 3)]
+    traces = {t.name: t for t in loss_curves(history).data}
+    assert set(traces) == {"loss", "kv", "kv_floor (not in loss)"}
+    assert traces["kv_floor (not in loss)"].line.dash == "dot" and traces["kv"].line.dash is None
+    assert list(traces["kv_floor (not in loss)"].y) == [0.5, 0.5, 0.5]

@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 # training (notebook 03)
 
 LOSS_TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv", "step_ce")
+DIAGNOSTICS = ("kv_floor",)  # logged beside the terms, not part of the loss: dotted lines
 
 
 def loss_curves(history: Sequence[Mapping[str, Any]], title: str = "loss terms") -> go.Figure:
@@ -21,6 +22,10 @@ def loss_curves(history: Sequence[Mapping[str, Any]], title: str = "loss terms")
     for term in LOSS_TERMS:
         if history and term in history[-1]:
             fig.add_scatter(x=steps, y=[r.get(term) for r in history], mode="lines", name=term)
+    for term in DIAGNOSTICS:
+        if history and term in history[-1]:
+            fig.add_scatter(x=steps, y=[r.get(term) for r in history], mode="lines", name=f"{term} (not in loss)",
+                            line=dict(dash="dot"))
     return fig
 
 
