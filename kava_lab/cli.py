@@ -84,11 +84,10 @@ def _eval(args) -> int:
 def _intervene(args) -> int:
     """Accuracy of the untouched run next to each latent intervention (written to interventions*.json)."""
     from .evaluate import evaluate_interventions
-    from .intervene import INTERVENTIONS
     from .loaders import load_examples
     from .runs import load_run
 
-    kinds = INTERVENTIONS if "all" in args.intervene else tuple(dict.fromkeys(args.intervene))
+    kinds = None if "all" in args.intervene else tuple(dict.fromkeys(args.intervene))  # None: all that apply
     student, backbone, cfg = load_run(args.run)
     if not cfg.uses_latents:
         raise SystemExit(f"{args.run}: --intervene needs a latent method (codi, pccot, kava); this run is "
@@ -189,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--intervene", nargs="+", choices=("donor", "zero", "mean", "shuffle-slots", "all"),
+    p.add_argument("--intervene", nargs="+", choices=("donor", "zero", "mean", "shuffle-slots", "target", "all"),
                    help="also decode with the latent cache intervened on (donor swap, zeroed inputs, batch "
-                        "mean, shuffled slots); prints accuracy under each next to the untouched run")
+                        "mean, shuffled slots; 'target' is an oracle that reads the gold CoT: the compressed "
+                        "teacher cache the KV loss aims at); prints accuracy under each next to the untouched run")
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("lab", help="the main job: run every notebook with papermill into a run folder")

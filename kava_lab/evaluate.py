@@ -44,13 +44,14 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
 
     ``intervene`` (latent methods only): one of :data:`kava_lab.intervene.INTERVENTIONS`, applied to the
     latent cache of every batch before the answer is decoded; the donor of example ``i`` is example
-    ``i + 1`` of its batch (see :func:`kava_lab.intervene.donor_index`)."""
-    from .intervene import INTERVENTIONS, apply_intervention, donor_index
+    ``i + 1`` of its batch (see :func:`kava_lab.intervene.donor_index`). ``"target"`` (an oracle, see
+    :data:`kava_lab.intervene.ORACLES`) puts the compressed teacher cache of the gold CoT in the latent slots."""
+    from .intervene import INTERVENTIONS, ORACLES, apply_intervention, apply_target, donor_index, kv_target
     from .synthetic import counterfactual_answer, n_steps
 
     if intervene is not None:
-        if intervene not in INTERVENTIONS:
-            raise ValueError(f"unknown intervention {intervene!r}; expected one of {INTERVENTIONS}")
+        if intervene not in INTERVENTIONS + ORACLES:
+            raise ValueError(f"unknown intervention {intervene!r}; expected one of {INTERVENTIONS + ORACLES}")
         if not cfg.uses_latents:
             raise ValueError(f"intervention {intervene!r} needs a latent method; this run is {cfg.method!r}")
     model, tok = student.model, backbone.tokenizer
@@ -71,6 +72,10 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
             batch = collate(items, "student", M=cfg.latent.M).to(device)
             hook = None if intervene is None else (
                 lambda state, b: apply_intervention(intervene, student.model, state, b, seed=seed))
+            if intervene == "target":  # the oracle: teacher-forced gold CoT, compressed as in training
+                tbatch = collate([encode(e, tok, cfg.encoding, with_cot=True) for e in chunk], "teacher").to(device)
+                target = kv_target(model, cfg, tbatch, cfg.latent.M)
+                hook = lambda state, b: apply_target(model, state, b, target, tbatch, cfg.loss.kv_keys)
             gen = student.generate(batch, max_new_tokens=cfg.max_new_tokens, latent_hook=hook)
             prefix_text = cfg.encoding.answer_prompt
         else:  # cot / nocot: the model writes everything after the question itself
@@ -134,12 +139,16 @@ def check_positions(examples: list[Example], question_tokens: list[int], extra: 
 def evaluate_interventions(student: Student, backbone, cfg: RunConfig, examples: list[Example],
                            kinds: tuple[str, ...] | None = None, batch_size: int = 64) -> dict[str, dict]:
     """``{"plain": summary, kind: summary, ...}``: the untouched run next to each latent intervention
-    (all of :data:`kava_lab.intervene.INTERVENTIONS` by default; none for cot / nocot)."""
-    from .intervene import INTERVENTIONS
+    (by default all of :data:`kava_lab.intervene.INTERVENTIONS`, and the ``target`` oracle when every example
+    has a reasoning trace and the run has a KV target; none for cot / nocot)."""
+    from .intervene import INTERVENTIONS, ORACLES
 
     out = {"plain": evaluate(student, backbone, cfg, examples, batch_size=batch_size)}
+    if kinds is None:
+        with_target = cfg.loss.a2 > 0 and all(e.steps for e in examples)
+        kinds = INTERVENTIONS + (ORACLES if with_target else ())
     if cfg.uses_latents:
-        for kind in INTERVENTIONS if kinds is None else kinds:
+        for kind in kinds:
             out[kind] = evaluate(student, backbone, cfg, examples, batch_size=batch_size, intervene=kind)
     return out
 

@@ -14,6 +14,15 @@ it. An intervention replaces the M latent columns of every layer before the answ
 - ``shuffle-slots``: the M slots permuted within each example (a seeded permutation per example): does the
   answer read the slots as an ordered sequence?
 
+One oracle, never a method's accuracy (it reads the gold chain of thought):
+
+- ``target``: the latent K/V replaced by the compressed teacher cache the KV loss aims at (the gold CoT,
+  teacher-forced, compressed as in training): the accuracy a student that met its KV target exactly would
+  get with these weights. Low means the target itself does not hold the answer (then no amount of KV
+  matching helps); high with a low untouched accuracy means the student has not reached its target. Keys
+  are placed as the loss compares them: post-RoPE as the teacher cached them (``loss.kv_keys=post_rope``),
+  or rotated to the slot positions (``pre_rope``). Slots the target leaves empty keep the student's own.
+
 Keys in the cache are post-RoPE. Moved keys are first rotated back to position zero, then rotated to the
 position of the slot they land in, so an intervention changes content, not position (exact for rotary
 models: rotations compose). For a model without a rotary embedding module, keys move as they are.
@@ -27,6 +36,7 @@ from .encoding import Batch
 from .student import fork_cache, stack_kv
 
 INTERVENTIONS = ("donor", "zero", "mean", "shuffle-slots")
+ORACLES = ("target",)  # read the gold CoT: diagnostics, never a method's accuracy
 
 
 def rotary_module(model):
@@ -109,8 +119,44 @@ def apply_intervention(kind: str, model, state, batch: Batch, seed: int = 0) -> 
             free, values = free.gather(3, index), values.gather(3, index)
         new_k = rotate_keys(free, positions, rotary)
         new_v = values
+    _write_latents(cache, P, M, new_k, new_v)
+
+
+def _write_latents(cache, P: int, M: int, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
+    """Columns ``[P, P + M)`` of every layer of ``cache`` <- ``new_k`` / ``new_v`` ``[B, L, H, M, d]``."""
     for layer_index, layer in enumerate(cache.layers):
         layer.keys = torch.cat([layer.keys[:, :, :P], new_k[:, layer_index].to(layer.keys.dtype),
                                 layer.keys[:, :, P + M:]], 2)
         layer.values = torch.cat([layer.values[:, :, :P], new_v[:, layer_index].to(layer.values.dtype),
                                   layer.values[:, :, P + M:]], 2)
+
+
+@torch.no_grad()
+def kv_target(model, cfg, teacher_batch: Batch, M: int):
+    """The compressed teacher cache the KV loss aims at for ``teacher_batch`` (gold CoT, teacher-forced):
+    a :class:`kava_lab.compress.Compressed` with keys / values ``[B, L, H_kv, M, d]``, as in training."""
+    from .compress import compress_extraction, compressor_from_config
+    from .teacher import extract_teacher
+
+    ext = extract_teacher(model, teacher_batch, with_logits=False)
+    return compress_extraction(ext, compressor_from_config(cfg.compress), M, order=cfg.compress.order)
+
+
+@torch.no_grad()
+def apply_target(model, state, batch: Batch, target, teacher_batch: Batch, kv_keys: str = "post_rope") -> None:
+    """The ``target`` oracle: latent columns ``[P, P + M)`` of ``state.cache`` <- ``target`` (from
+    :func:`kava_lab.intervene.kv_target` on the same examples), keys placed as the KV loss compares them."""
+    P, M = batch.P, batch.M
+    keys, values = stack_kv(state.cache, P, P + M)  # the student's own: kept where the target has no entry
+    t_keys, t_values = target.keys.to(keys.dtype), target.values.to(values.dtype)
+    if kv_keys == "pre_rope":
+        rotary = rotary_module(model)
+        B, L, H, _ = target.indices.shape
+        cot_pos = teacher_batch.position_ids[:, teacher_batch.P:]  # [B, N]
+        t_pos = cot_pos.gather(1, target.indices.reshape(B, -1)).view(B, L, H, M)
+        s_pos = batch.position_ids[:, P:P + M][:, None, None, :].expand(B, L, H, M)
+        t_keys = rotate_keys(t_keys, s_pos - t_pos, rotary)
+    elif kv_keys != "post_rope":
+        raise ValueError(f"kv_keys must be 'post_rope' or 'pre_rope', found {kv_keys!r}")
+    valid = target.slot_mask[..., None]  # [B, L, H, M, 1]
+    _write_latents(state.cache, P, M, torch.where(valid, t_keys, keys), torch.where(valid, t_values, values))

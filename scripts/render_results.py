@@ -35,7 +35,7 @@ def _settings(r: dict) -> str:
 
 def log_table(records: list[dict], split: str = "val") -> str:
     head = (f"| run | method | trace | seed | task | settings | train min | {split} acc | "
-            + " | ".join(INTERVENTIONS) + " | counterfactual | question |")
+            + " | ".join(INTERVENTIONS) + " | counterfactual | KV target (oracle) | question |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(records, key=lambda r: r.get("date", "")):
         ev = r["evals"].get(split)
@@ -46,7 +46,8 @@ def log_table(records: list[dict], split: str = "val") -> str:
             r["name"], r["method"], r["trace"], str(r["seed"]), r.get("task", ""), _settings(r),
             f"{r['train_minutes']:.1f}", pct(ev["plain"]["accuracy"]),
             *[pct(iv[k]["accuracy"]) if k in iv else "–" for k in INTERVENTIONS],
-            pct(iv.get("donor", {}).get("counterfactual_rate")), r.get("why", "").replace("|", "/")]) + " |")
+            pct(iv.get("donor", {}).get("counterfactual_rate")), pct(iv.get("target", {}).get("accuracy")),
+            r.get("why", "").replace("|", "/")]) + " |")
     return "\n".join(lines)
 
 

@@ -13,7 +13,8 @@ from kava_lab.config import LatentConfig, get_preset
 from kava_lab.data import Example
 from kava_lab.encoding import Collator, encode, without_answer
 from kava_lab.evaluate import donor_rates, evaluate
-from kava_lab.intervene import apply_intervention, donor_index, rotary_module, rotate_keys, slot_permutations
+from kava_lab.intervene import (apply_intervention, apply_target, donor_index, kv_target, rotary_module, rotate_keys,
+                                slot_permutations)
 from kava_lab.student import Student, stack_kv
 from kava_lab.synthetic import counterfactual_answer, make_synthetic, parse_step
 
@@ -117,6 +118,47 @@ def test_mean_shuffle_and_zero(backbone):
         apply_intervention("swap", backbone.model, state, batch)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("kv_keys", ["post_rope", "pre_rope"])
+def test_target_oracle_puts_the_kv_loss_target_in_the_latent_slots(backbone, kv_keys):
+    """The oracle's latent columns are the compressed teacher cache of the gold CoT, as in training: exactly
+    the target for post-RoPE keys; for pre-RoPE keys the same position-free key, rotated to its slot. The
+    question columns are untouched, and a slot the target leaves empty (CoT shorter than M) keeps the
+    student's own entry."""
+    cfg = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kv_keys=kv_keys))
+    M = 30  # more slots than the shortest CoT has tokens: some slots stay the student's
+    student = _student(backbone, M=M)
+    examples = make_synthetic(3, split="test", trace="nl", min_steps=1, max_steps=3)
+    batch = _batch(backbone, examples, M=M)
+    tbatch = Collator.for_backbone(backbone)([encode(e, backbone.tokenizer, with_cot=True) for e in examples],
+                                             "teacher")
+    target = kv_target(backbone.model, cfg, tbatch, M)
+    assert not target.slot_mask.all()
+    state = student.latent_loop(batch)
+    P = batch.P
+    k0, v0 = stack_kv(state.cache, 0, P + M)
+    apply_target(backbone.model, state, batch, target, tbatch, kv_keys)
+    k1, v1 = stack_kv(state.cache, 0, P + M)
+    assert torch.equal(k1[..., :P, :], k0[..., :P, :])
+    valid = target.slot_mask
+    assert torch.equal(v1[..., P:, :][valid], target.values[valid])
+    assert torch.equal(v1[..., P:, :][~valid], v0[..., P:, :][~valid])
+    rotary = rotary_module(backbone.model)
+    if kv_keys == "post_rope":
+        assert torch.equal(k1[..., P:, :][valid], target.keys[valid])
+    else:
+        B, L, H, _ = target.indices.shape
+        t_pos = tbatch.position_ids[:, tbatch.P:].gather(1, target.indices.reshape(B, -1)).view(B, L, H, M)
+        s_pos = batch.position_ids[:, P:P + M]
+        free_placed = rotate_keys(k1[..., P:, :], -s_pos, rotary)
+        free_target = rotate_keys(target.keys, -t_pos, rotary)
+        assert torch.allclose(free_placed[valid], free_target[valid], atol=1e-5)
+        assert not torch.allclose(k1[..., P:, :][valid], target.keys[valid], atol=1e-3)
+    with pytest.raises(ValueError, match="kv_keys"):
+        apply_target(backbone.model, state, batch, target, tbatch, "rope")
+
+
 def test_counterfactual_answer_and_parse_step():
     assert parse_step("<<12+5=17>>") == (12.0, "+", 5.0, 17.0)
     assert parse_step("After giving away 2, she has 13 - 2 = 11 cookies left.") == (13.0, "-", 2.0, 11.0)
@@ -162,7 +204,12 @@ def test_evaluate_interventions_reports_each_kind_beside_the_plain_run(backbone)
     student = _student(backbone, M=4, T=1)
     examples = make_synthetic(4, split="test", trace="nl")
     out = evaluate_interventions(student, backbone, cfg, examples, batch_size=4)
-    assert list(out) == ["plain", "donor", "zero", "mean", "shuffle-slots"]
+    assert list(out) == ["plain", "donor", "zero", "mean", "shuffle-slots", "target"]
+    assert out["target"]["intervention"] == "target" and out["target"]["n"] == 4
+    no_kv = dataclasses.replace(cfg, method="pccot", loss=dataclasses.replace(cfg.loss, a2=0.0))
+    assert "target" not in evaluate_interventions(student, backbone, no_kv, examples, batch_size=4)
+    no_trace = [dataclasses.replace(e, steps=()) for e in examples]  # an eval-only set: no CoT to compress
+    assert "target" not in evaluate_interventions(student, backbone, cfg, no_trace, batch_size=4)
     assert list(evaluate_interventions(student, backbone, cfg, examples, kinds=())) == ["plain"]
     assert list(evaluate_interventions(student, backbone, get_preset("tiny", "nocot"), examples)) == ["plain"]
 
@@ -217,8 +264,8 @@ def test_cli_eval_intervene_prints_and_writes_every_intervention(tmp_path, capsy
     run = train(cfg, tmp_path / "run", log=lambda s: None)
     assert main(["eval", str(run), "--intervene", "all"]) == 0
     out = capsys.readouterr().out
-    for kind in ("plain", "donor", "zero", "mean", "shuffle-slots"):
+    for kind in ("plain", "donor", "zero", "mean", "shuffle-slots", "target"):
         assert kind in out
     record = json.loads((run / "interventions.json").read_text())
-    assert list(record["results"]) == ["plain", "donor", "zero", "mean", "shuffle-slots"]
+    assert list(record["results"]) == ["plain", "donor", "zero", "mean", "shuffle-slots", "target"]
     assert record["results"]["plain"]["n"] == 6

@@ -39,7 +39,8 @@ def fig_interventions(results: dict) -> go.Figure:
     for kind, summary in results.items():
         by = summary.get("accuracy_by_steps", {})
         values = [100 * by[str(n)] if str(n) in by else None for n in steps] + [100 * summary["accuracy"]]
-        fig.add_bar(name="untouched" if kind == "plain" else kind, x=labels, y=values,
+        name = {"plain": "untouched", "target": "KV target (oracle: reads the CoT)"}.get(kind, kind)
+        fig.add_bar(name=name, x=labels, y=values,
                     hovertemplate="%{x}: %{y:.1f}%<extra>" + kind + "</extra>")
     fig.update_layout(barmode="group", height=420, margin=dict(t=60, l=60, r=20, b=40),
                       title="Do the answers read the latents? Accuracy with the latent cache intervened on",

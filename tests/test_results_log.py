@@ -1,0 +1,38 @@
+"""The experiment log: README tables are rendered from results/*.json, never typed by hand."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_results_block_is_the_rendering_of_results_folder():
+    rr = _render_module()
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(rr.BEGIN, 1)[1].split(rr.END, 1)[0].strip("\n")
+    assert block == rr.render(rr.load(ROOT / "results")), \
+        "README results block is stale: run python scripts/render_results.py --readme README.md"
+
+
+def test_log_table_shows_each_intervention_the_counterfactual_rate_and_the_oracle():
+    rr = _render_module()
+    summary = lambda acc, **kw: {"accuracy": acc, "n": 10, "forward_passes": 7.0,
+                                 "accuracy_by_steps": {"5": acc}, **kw}
+    record = {"name": "r1", "method": "kava", "trace": "nl", "seed": 0, "task": "synthetic:5-8",
+              "overrides": ["data.train=synthetic:5-8", "optim.steps=8"], "train_minutes": 1.5, "why": "a|b",
+              "date": "2026-12-01", "evals": {"val": {"plain": summary(0.5), "interventions": {
+                  "donor": summary(0.2, counterfactual_rate=0.25), "zero": summary(0.1), "mean": summary(0.3),
+                  "shuffle-slots": summary(0.4), "target": summary(0.9)}}}}
+    row = rr.log_table([record]).splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["r1", "kava", "nl", "0", "synthetic:5-8", "optim.steps=8", "1.5", "50.0", "20.0", "10.0",
+                     "30.0", "40.0", "25.0", "90.0", "a/b"]
+    old = dict(record, evals={"val": {"plain": summary(0.5)}})  # a No-CoT-like record: no interventions
+    assert rr.log_table([old]).splitlines()[-1].count("–") == 6
