@@ -36,3 +36,21 @@ def test_log_table_shows_each_intervention_the_counterfactual_rate_and_the_oracl
                      "30.0", "40.0", "25.0", "90.0", "a/b"]
     old = dict(record, evals={"val": {"plain": summary(0.5)}})  # a No-CoT-like record: no interventions
     assert rr.log_table([old]).splitlines()[-1].count("–") == 6
+
+
+def test_target_oracle_script_reports_each_compressor_and_slot_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("target_oracle", ROOT / "scripts" / "target_oracle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "oracle.json"
+    record = module.main(["--task", "synthetic:2-3", "--set", "stage0_steps=0", "--set", "max_new_tokens=3",
+                          "--set", "tiny.num_layers=1", "--limit", "4", "--grid", "rkv:4", "stride:6",
+                          "--out", str(out)])
+    assert [(r["compressor"], r["M"]) for r in record["rows"]] == [("rkv", 4), ("stride", 6)]
+    assert all(0 <= r["target"] <= 1 and set(r["target_by_steps"]) <= {"2", "3"} for r in record["rows"])
+    assert record["n"] == 4 and out.exists()
+    import pytest
+
+    with pytest.raises(SystemExit, match="compressor:M"):
+        module.main(["--task", "synthetic:2-3", "--set", "stage0_steps=0", "--grid", "rkv"])

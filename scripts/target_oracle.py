@@ -1,0 +1,96 @@
+"""How much of the answer survives in the KV target: the ``target`` oracle over compressors and slot counts.
+
+    python scripts/target_oracle.py --task synthetic:5-8:alternate --set stage0_steps=2000 \
+        --grid rkv:12 rkv:24 attention:12 stride:12 crop:12 --out results/probes/target-oracle-a58.json
+    python scripts/target_oracle.py --run runs/exp/NAME --grid rkv:12 rkv:24
+
+For each ``compressor:M`` the latent slots of every validation problem are filled with the compressed teacher
+cache of its gold CoT (teacher-forced, compressed as in training; :func:`kava_lab.intervene.apply_target`)
+and the answer is decoded in the student's layout ``[question, <bot>, M slots, answer prompt]``. Without
+``--run`` the weights are the stage-0 backbone (the CoT teacher the student starts from, never trained on
+that layout): the oracle then says whether the teacher can read its own compressed cache, i.e. whether the
+KV objective's target holds the answer at all. ``plain`` beside it decodes after the untrained student's
+latents (the floor of that layout). With ``--run`` the weights are the trained student's.
+The oracle reads the gold CoT: it is a diagnostic, never a method's accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kava_lab.config import apply_overrides, get_preset  # noqa: E402
+from kava_lab.evaluate import evaluate  # noqa: E402
+from kava_lab.loaders import load_examples  # noqa: E402
+
+
+def with_slots(student, latent):
+    """The same weights and projection with another number of latent slots."""
+    from kava_lab.student import Student
+
+    other = Student(student.model, latent, eos_id=student.eos_id, eot_id=student.eot_id)
+    other.projection = student.projection
+    return other
+
+
+def main(argv=None) -> dict:
+    from kava_lab.runs import build_student, load_run
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default=None, help="a trained latent run folder (default: the stage-0 backbone)")
+    ap.add_argument("--task", default=None, help="synthetic task, e.g. synthetic:5-8:alternate")
+    ap.add_argument("--trace", default="nl", choices=("nl", "equation"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--grid", nargs="+", default=["rkv:12"], help="compressor:M points, e.g. rkv:12 stride:24")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="write the table as JSON here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.run:
+        student, backbone, base = load_run(args.run)
+        base = apply_overrides(base, args.overrides)
+    else:
+        overrides = list(args.overrides)
+        if args.task:
+            overrides = [f"data.train={args.task}", f"data.eval={args.task}"] + overrides
+        base = apply_overrides(get_preset("tiny", "kava", trace=args.trace), overrides)
+        student, backbone = build_student(base)  # the stage-0 backbone, an untrained projection
+    examples = load_examples(base.data.eval, split=args.split, trace=args.trace, limit=args.limit)
+    rows = []
+    for point in args.grid:
+        method, _, m = point.partition(":")
+        if not m.isdigit():
+            raise SystemExit(f"--grid {point!r}: expected compressor:M, e.g. rkv:12")
+        cfg = apply_overrides(base, [f"compress.method={method}", f"latent.M={m}"])
+        slots = student if cfg.latent.M == student.cfg.M else with_slots(student, cfg.latent)
+        t0 = time.perf_counter()
+        plain = evaluate(slots, backbone, cfg, examples, batch_size=64)
+        target = evaluate(slots, backbone, cfg, examples, batch_size=64, intervene="target")
+        rows.append({"compressor": method, "M": int(m), "plain": plain["accuracy"], "target": target["accuracy"],
+                     "target_by_steps": target["accuracy_by_steps"], "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{method:>10} M={m:>3}: plain {plain['accuracy']:6.1%}  target oracle {target['accuracy']:6.1%}  "
+              f"by steps {target['accuracy_by_steps']}", flush=True)
+    record = {"weights": args.run or f"stage 0 ({base.stage0_steps} CoT steps)", "task": base.data.eval,
+              "split": args.split, "n": len(examples), "trace": args.trace, "overrides": args.overrides,
+              "lam": base.compress.lam, "kv_keys": base.loss.kv_keys, "rows": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"-> {args.out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
