@@ -1,17 +1,22 @@
-"""How much of the answer survives in the KV target: the ``target`` oracle over compressors and slot counts.
+"""How much of the answer survives in the KV target: two oracles over compressors and slot counts.
 
     python scripts/target_oracle.py --task synthetic:5-8:alternate --set stage0_steps=2000 \
-        --grid rkv:12 rkv:24 attention:12 stride:12 crop:12 --out results/probes/target-oracle-a58.json
+        --grid rkv:12 rkv:24 stride:12 crop:160 --out results/probes/target-oracle-a58-stage0.json
     python scripts/target_oracle.py --run runs/exp/NAME --grid rkv:12 rkv:24
 
-For each ``compressor:M`` the latent slots of every validation problem are filled with the compressed teacher
-cache of its gold CoT (teacher-forced, compressed as in training; :func:`kava_lab.intervene.apply_target`)
-and the answer is decoded in the student's layout ``[question, <bot>, M slots, answer prompt]``. Without
-``--run`` the weights are the stage-0 backbone (the CoT teacher the student starts from, never trained on
-that layout): the oracle then says whether the teacher can read its own compressed cache, i.e. whether the
-KV objective's target holds the answer at all. ``plain`` beside it decodes after the untrained student's
-latents (the floor of that layout). With ``--run`` the weights are the trained student's.
-The oracle reads the gold CoT: it is a diagnostic, never a method's accuracy.
+For each ``compressor:M``, on the validation problems:
+
+- ``teacher``: the model answers from its own compressed CoT cache in the teacher's layout (question, the M
+  kept entries of every layer and head at their own positions, then the answer prompt;
+  :func:`kava_lab.oracle.compressed_cache_answers`). Low means the target does not hold the answer: no KV
+  matching can teach it. With M at least the CoT length (``crop:160``) nothing is evicted.
+- with ``--run`` (a trained latent run) also ``target``: the same compressed cache placed in the student's
+  latent slots (:func:`kava_lab.intervene.apply_target`), beside ``plain``, the student's own latents. Only
+  meaningful for a trained student: the stage-0 teacher has never seen ``<bot>``/``<eot>`` (measured: 2-4%
+  whatever the compressor, even with the whole CoT in the slots).
+
+Without ``--run`` the weights are the stage-0 backbone (the CoT teacher every student starts from).
+Both oracles read the gold CoT: diagnostics of the target, never a method's accuracy.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from kava_lab.config import apply_overrides, get_preset  # noqa: E402
 from kava_lab.evaluate import evaluate  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
+from kava_lab.oracle import compressed_cache_answers  # noqa: E402
 
 
 def with_slots(student, latent):
@@ -76,12 +82,19 @@ def main(argv=None) -> dict:
         cfg = apply_overrides(base, [f"compress.method={method}", f"latent.M={m}"])
         slots = student if cfg.latent.M == student.cfg.M else with_slots(student, cfg.latent)
         t0 = time.perf_counter()
-        plain = evaluate(slots, backbone, cfg, examples, batch_size=64)
-        target = evaluate(slots, backbone, cfg, examples, batch_size=64, intervene="target")
-        rows.append({"compressor": method, "M": int(m), "plain": plain["accuracy"], "target": target["accuracy"],
-                     "target_by_steps": target["accuracy_by_steps"], "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{method:>10} M={m:>3}: plain {plain['accuracy']:6.1%}  target oracle {target['accuracy']:6.1%}  "
-              f"by steps {target['accuracy_by_steps']}", flush=True)
+        teacher = compressed_cache_answers(student.model, backbone, cfg, examples, int(m))
+        row = {"compressor": method, "M": int(m), "kept_fraction": round(teacher["kept_fraction"], 4),
+               "teacher": teacher["accuracy"], "teacher_by_steps": teacher["accuracy_by_steps"]}
+        line = (f"{method:>10} M={m:>3} (keeps {teacher['kept_fraction']:6.1%} of the CoT): "
+                f"teacher {teacher['accuracy']:6.1%}")
+        if args.run:
+            plain = evaluate(slots, backbone, cfg, examples, batch_size=64)
+            target = evaluate(slots, backbone, cfg, examples, batch_size=64, intervene="target")
+            row.update(plain=plain["accuracy"], target=target["accuracy"], target_by_steps=target["accuracy_by_steps"])
+            line += f"  student layout: plain {plain['accuracy']:6.1%}, target {target['accuracy']:6.1%}"
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(line, f" by steps {teacher['accuracy_by_steps']}", flush=True)
     record = {"weights": args.run or f"stage 0 ({base.stage0_steps} CoT steps)", "task": base.data.eval,
               "split": args.split, "n": len(examples), "trace": args.trace, "overrides": args.overrides,
               "lam": base.compress.lam, "kv_keys": base.loss.kv_keys, "rows": rows}
