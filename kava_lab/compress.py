@@ -425,3 +425,17 @@ def compress_extraction(
         slot_mask=slot_mask.view(b, n_layers, h_kv, M),
         scores=scores.view(b, n_layers, h_kv, n) if return_scores else None,
     )
+
+
+def extraction_importance(ext: Any) -> Tensor:
+    """The answer's attention to every CoT token of every layer, ``[B, L, H_kv, N]`` float32
+    (:func:`kava_lab.scores.importance_scores` with L folded into the batch, as :func:`compress_extraction`)."""
+    keys, queries = ext.cot_keys, ext.answer_queries
+    b, n_layers, h_kv, n, d = keys.shape
+    bl = b * n_layers
+    key_mask = ext.cot_mask.to(device=keys.device, dtype=torch.bool)[:, None, :].expand(b, n_layers, n)
+    query_mask = ext.answer_mask.to(device=keys.device, dtype=torch.bool)
+    a = queries.shape[3]
+    imp = importance_scores(keys.reshape(bl, h_kv, n, d), queries.reshape(bl, queries.shape[2], a, d),
+                            key_mask.reshape(bl, n), query_mask[:, None, :].expand(b, n_layers, a).reshape(bl, a))
+    return imp.view(b, n_layers, h_kv, n)

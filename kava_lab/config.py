@@ -47,6 +47,10 @@ class LossConfig:
     # keys compared by the KV loss: "post_rope" (as the cache holds them, the paper's default) or "pre_rope"
     # (both sides rotated back to position 0, so a latent slot need not reproduce its CoT token's position)
     kv_keys: str = "post_rope"
+    # weight of each kept entry in the KV loss: "uniform" (the paper) or "importance" (the attention the
+    # teacher's answer pays to that entry, normalised to mean 1 over each example's layer and head: the
+    # entries the answer reads dominate the term; kava_lab.losses.importance_weights)
+    kv_weight: str = "uniform"
     # step-level auxiliary loss (SIM-CoT-style, kava_lab.step_loss): each replaced CoT step decoded from one
     # latent alone; 0 = off (every preset)
     a_step: float = 0.0

@@ -35,11 +35,13 @@ def _layer_std(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def kv_loss(student_k: torch.Tensor, student_v: torch.Tensor, teacher_k: torch.Tensor, teacher_v: torch.Tensor,
-            slot_mask: torch.Tensor, kind: str = "smooth_l1", layer_std: bool = True) -> torch.Tensor:
+            slot_mask: torch.Tensor, kind: str = "smooth_l1", layer_std: bool = True,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
     """``(D(K~, K_s) + D(V~, V_s)) / 2`` over layers, KV heads, valid slots and dims, mean-reduced.
 
     student_k/v, teacher_k/v: ``[B, L, H_kv, M, d]``; slot_mask: ``[B, L, H_kv, M]`` (or ``[B, M]``).
     With ``layer_std`` each layer's residual is divided by the std of that layer's teacher target.
+    ``weights`` ``[B, L, H_kv, M]`` (optional, e.g. :func:`importance_weights`) scale each entry's distance.
     """
     if slot_mask.dim() == 2:
         B, L, H, M, _ = teacher_k.shape
@@ -56,12 +58,26 @@ def kv_loss(student_k: torch.Tensor, student_v: torch.Tensor, teacher_k: torch.T
         if layer_std:
             residual = residual / _layer_std(teacher, mask)[None, :, None, None, None]
         per_entry = dist(residual).mean(-1)  # [B, L, H, M]
+        if weights is not None:
+            per_entry = per_entry * weights.detach().to(per_entry.dtype)
         total = total + per_entry[mask].sum() / n
     return total / 2
 
 
+def importance_weights(importance: torch.Tensor, indices: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    """Per-entry KV-loss weights from the answer's attention: ``importance`` ``[B, L, H_kv, N]`` (the
+    attention the teacher's answer pays each CoT token, :func:`kava_lab.scores.importance_scores`) read at the
+    kept entries ``indices`` ``[B, L, H_kv, M]``, normalised to mean 1 over the valid slots of each example,
+    layer and head (so the term keeps its scale); 0 at invalid slots. Uniform importance gives all ones."""
+    w = importance.gather(-1, indices).float() * slot_mask  # [B, L, H, M]
+    count = slot_mask.sum(-1, keepdim=True).clamp(min=1)
+    mean = w.sum(-1, keepdim=True) / count
+    return torch.where(mean > 0, w / mean.clamp(min=1e-12), slot_mask.float())
+
+
 def kv_content_floor(teacher_k: torch.Tensor, teacher_v: torch.Tensor, slot_mask: torch.Tensor,
-                     kind: str = "smooth_l1", layer_std: bool = True) -> torch.Tensor:
+                     kind: str = "smooth_l1", layer_std: bool = True,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
     """The KV loss of a content-free student: one that answers every problem with the mean target of the
     *other* problems in the batch (per layer, head and slot; leave-one-out). A diagnostic, never a loss term:
     ``kv`` below this floor means the latents carry something specific to their problem; ``kv`` near it means
@@ -76,7 +92,8 @@ def kv_content_floor(teacher_k: torch.Tensor, teacher_v: torch.Tensor, slot_mask
         others = (m.sum(0, keepdim=True) - m).clamp(min=1)  # valid rows other than this one
         loo_k = ((teacher_k * m).sum(0, keepdim=True) - teacher_k * m) / others  # [B, L, H, M, d]
         loo_v = ((teacher_v * m).sum(0, keepdim=True) - teacher_v * m) / others
-        return kv_loss(loo_k, loo_v, teacher_k, teacher_v, slot_mask, kind=kind, layer_std=layer_std)
+        return kv_loss(loo_k, loo_v, teacher_k, teacher_v, slot_mask, kind=kind, layer_std=layer_std,
+                       weights=weights)
 
 
 def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, norm: str = "global") -> torch.Tensor:

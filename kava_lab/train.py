@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compress import compress_extraction, compressor_from_config
+from .compress import compress_extraction, compressor_from_config, extraction_importance
 from .config import RunConfig
 from .encoding import Collator, Encoded, encode
-from .losses import codi_loss, kava_objective, kv_content_floor, kv_loss
+from .losses import codi_loss, importance_weights, kava_objective, kv_content_floor, kv_loss
 from .step_loss import step_decoding_loss
 from .runs import (  # noqa: F401  (re-exported: run folders live in runs.py)
     NonFiniteLoss, _set_rng_state, apply_lora, build_student, checkpoint_path, ensure_stage0, load_run,
@@ -123,10 +123,17 @@ class KaVaObjective(nn.Module):
                 s_keys, t_keys = pre_rope_keys(model, s_keys, t_keys, target.indices, student_batch, teacher_batch)
             elif cfg.loss.kv_keys != "post_rope":
                 raise ValueError(f"loss.kv_keys must be 'post_rope' or 'pre_rope', found {cfg.loss.kv_keys!r}")
-            kv = kv_loss(s_keys, student.latent_values, t_keys, target.values,
-                         target.slot_mask, kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std)
+            weights = None
+            if cfg.loss.kv_weight == "importance":  # the entries the teacher's answer reads dominate
+                with torch.no_grad():
+                    weights = importance_weights(extraction_importance(kv_source), target.indices,
+                                                 target.slot_mask)
+            elif cfg.loss.kv_weight != "uniform":
+                raise ValueError(f"loss.kv_weight must be 'uniform' or 'importance', found {cfg.loss.kv_weight!r}")
+            kv = kv_loss(s_keys, student.latent_values, t_keys, target.values, target.slot_mask,
+                         kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std, weights=weights)
             kv_floor = kv_content_floor(t_keys, target.values, target.slot_mask, kind=cfg.loss.kv_loss,
-                                        layer_std=cfg.loss.layer_std)
+                                        layer_std=cfg.loss.layer_std, weights=weights)
         step = (step_decoding_loss(model, student.latents, teacher_batch, student_batch.cot_latent_len)
                 if cfg.loss.a_step > 0 else None)
         terms = kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv, step)

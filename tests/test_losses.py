@@ -164,3 +164,57 @@ def test_loss_curves_draw_the_kv_floor_as_a_dotted_diagnostic():
     assert set(traces) == {"loss", "kv", "kv_floor (not in loss)"}
     assert traces["kv_floor (not in loss)"].line.dash == "dot" and traces["kv"].line.dash is None
     assert list(traces["kv_floor (not in loss)"].y) == [0.5, 0.5, 0.5]
+
+
+def test_importance_weights_follow_the_answers_attention_and_keep_the_scale():
+    from kava_lab.losses import importance_weights
+
+    importance = torch.tensor([[[[0.1, 0.6, 0.1, 0.2]]]])  # [B=1, L=1, H=1, N=4]
+    indices = torch.tensor([[[[1, 3, 0]]]])  # kept entries
+    mask = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+    w = importance_weights(importance, indices, mask)
+    assert torch.allclose(w, torch.tensor([[[[0.6, 0.2, 0.1]]]]) / 0.3)  # mean 1 over the kept slots
+    mask[..., 2] = False  # an invalid slot weighs nothing and leaves the others' mean over valid slots
+    w = importance_weights(importance, indices, mask)
+    assert torch.allclose(w, torch.tensor([[[[1.5, 0.5, 0.0]]]]))
+    flat = importance_weights(torch.full((1, 1, 1, 4), 0.25), indices, torch.ones(1, 1, 1, 3, dtype=torch.bool))
+    assert torch.allclose(flat, torch.ones(1, 1, 1, 3))  # uniform attention: the paper's uniform loss
+    # a weighted residual: only the heavily read entry is wrong -> the weighted loss is larger
+    t = torch.zeros(1, 1, 1, 3, 2)
+    s = t.clone()
+    s[..., 0, :] = 1.0
+    w = importance_weights(importance, indices, torch.ones(1, 1, 1, 3, dtype=torch.bool))
+    assert kv_loss(s, s, t, t, torch.ones(1, 3, dtype=torch.bool), "mse", layer_std=False, weights=w) > \
+        kv_loss(s, s, t, t, torch.ones(1, 3, dtype=torch.bool), "mse", layer_std=False)
+
+
+def test_kava_objective_weights_the_kv_term_by_importance_on_request(small_llama):
+    import dataclasses
+
+    b = small_llama
+    base = get_preset("tiny", "kava")
+    base = base.__class__(**{**base.__dict__, "latent": LatentConfig(mode="jacobi", M=4, T=1)})
+    kv = {}
+    for weight in ("uniform", "importance"):
+        cfg = dataclasses.replace(base, loss=dataclasses.replace(base.loss, kv_weight=weight))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            kv[weight] = KaVaObjective(Student(b.model, cfg.latent, b.eos_id, b.eot_id), cfg)(*_batches(b, 4))["kv"]
+    assert kv["importance"].item() != pytest.approx(kv["uniform"].item(), rel=1e-4)
+    bad = dataclasses.replace(base, loss=dataclasses.replace(base.loss, kv_weight="attention"))
+    with pytest.raises(ValueError, match="kv_weight"):
+        KaVaObjective(Student(b.model, bad.latent, b.eos_id, b.eot_id), bad)(*_batches(b, 4))
+
+
+def test_extraction_importance_is_the_compressors_importance_per_layer(small_llama):
+    from kava_lab.compress import extraction_importance
+    from kava_lab.scores import importance_scores
+    from kava_lab.teacher import extract_teacher
+
+    tb, _ = _batches(small_llama, 4)
+    ext = extract_teacher(small_llama.model, tb)
+    imp = extraction_importance(ext)  # [B, L, H, N]
+    for layer in range(ext.cot_keys.shape[1]):
+        ref = importance_scores(ext.cot_keys[:, layer], ext.answer_queries[:, layer], ext.cot_mask, ext.answer_mask)
+        assert torch.allclose(imp[:, layer], ref)
+    assert torch.allclose(imp.sum(-1), torch.ones_like(imp.sum(-1)), atol=1e-5)
