@@ -70,12 +70,13 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
         if cfg.uses_latents:
             items = [without_answer(encode(e, tok, cfg.encoding, with_cot=False)) for e in chunk]
             batch = collate(items, "student", M=cfg.latent.M).to(device)
-            hook = None if intervene is None else (
-                lambda state, b: apply_intervention(intervene, student.model, state, b, seed=seed))
+            hook = None
             if intervene == "target":  # the oracle: teacher-forced gold CoT, compressed as in training
                 tbatch = collate([encode(e, tok, cfg.encoding, with_cot=True) for e in chunk], "teacher").to(device)
                 target = kv_target(model, cfg, tbatch, cfg.latent.M)
                 hook = lambda state, b: apply_target(model, state, b, target, tbatch, cfg.loss.kv_keys)
+            elif intervene is not None:
+                hook = lambda state, b: apply_intervention(intervene, model, state, b, seed=seed)
             gen = student.generate(batch, max_new_tokens=cfg.max_new_tokens, latent_hook=hook)
             prefix_text = cfg.encoding.answer_prompt
         else:  # cot / nocot: the model writes everything after the question itself

@@ -119,11 +119,12 @@ def apply_intervention(kind: str, model, state, batch: Batch, seed: int = 0) -> 
             free, values = free.gather(3, index), values.gather(3, index)
         new_k = rotate_keys(free, positions, rotary)
         new_v = values
-    _write_latents(cache, P, M, new_k, new_v)
+    write_latents(cache, P, M, new_k, new_v)
 
 
-def _write_latents(cache, P: int, M: int, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
-    """Columns ``[P, P + M)`` of every layer of ``cache`` <- ``new_k`` / ``new_v`` ``[B, L, H, M, d]``."""
+def write_latents(cache, P: int, M: int, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
+    """Columns ``[P, P + M)`` of every layer of ``cache`` <- ``new_k`` / ``new_v`` ``[B, L, H, M, d]``
+    (appended when the cache holds exactly ``P`` columns)."""
     for layer_index, layer in enumerate(cache.layers):
         layer.keys = torch.cat([layer.keys[:, :, :P], new_k[:, layer_index].to(layer.keys.dtype),
                                 layer.keys[:, :, P + M:]], 2)
@@ -131,15 +132,27 @@ def _write_latents(cache, P: int, M: int, new_k: torch.Tensor, new_v: torch.Tens
                                   layer.values[:, :, P + M:]], 2)
 
 
+def kept_positions(indices: torch.Tensor, teacher_batch: Batch) -> torch.Tensor:
+    """Position ids ``[B, L, H, M]`` of kept CoT entries ``indices`` ``[B, L, H, M]`` (indices into the CoT)."""
+    B, L, H, M = indices.shape
+    cot_pos = teacher_batch.position_ids[:, teacher_batch.P:]  # [B, S_t - P_t]
+    return cot_pos.gather(1, indices.reshape(B, -1)).view(B, L, H, M)
+
+
+def compress_target(ext, cfg, M: int):
+    """The KV loss's target from a teacher extraction: ``cfg.compress`` applied as in training."""
+    from .compress import compress_extraction, compressor_from_config
+
+    return compress_extraction(ext, compressor_from_config(cfg.compress), M, order=cfg.compress.order)
+
+
 @torch.no_grad()
 def kv_target(model, cfg, teacher_batch: Batch, M: int):
     """The compressed teacher cache the KV loss aims at for ``teacher_batch`` (gold CoT, teacher-forced):
     a :class:`kava_lab.compress.Compressed` with keys / values ``[B, L, H_kv, M, d]``, as in training."""
-    from .compress import compress_extraction, compressor_from_config
     from .teacher import extract_teacher
 
-    ext = extract_teacher(model, teacher_batch, with_logits=False)
-    return compress_extraction(ext, compressor_from_config(cfg.compress), M, order=cfg.compress.order)
+    return compress_target(extract_teacher(model, teacher_batch, with_logits=False), cfg, M)
 
 
 @torch.no_grad()
@@ -150,13 +163,10 @@ def apply_target(model, state, batch: Batch, target, teacher_batch: Batch, kv_ke
     keys, values = stack_kv(state.cache, P, P + M)  # the student's own: kept where the target has no entry
     t_keys, t_values = target.keys.to(keys.dtype), target.values.to(values.dtype)
     if kv_keys == "pre_rope":
-        rotary = rotary_module(model)
-        B, L, H, _ = target.indices.shape
-        cot_pos = teacher_batch.position_ids[:, teacher_batch.P:]  # [B, N]
-        t_pos = cot_pos.gather(1, target.indices.reshape(B, -1)).view(B, L, H, M)
-        s_pos = batch.position_ids[:, P:P + M][:, None, None, :].expand(B, L, H, M)
-        t_keys = rotate_keys(t_keys, s_pos - t_pos, rotary)
+        t_pos = kept_positions(target.indices, teacher_batch)  # [B, L, H, M]
+        s_pos = batch.position_ids[:, P:P + M][:, None, None, :].expand_as(t_pos)
+        t_keys = rotate_keys(t_keys, s_pos - t_pos, rotary_module(model))
     elif kv_keys != "post_rope":
         raise ValueError(f"kv_keys must be 'post_rope' or 'pre_rope', found {kv_keys!r}")
     valid = target.slot_mask[..., None]  # [B, L, H, M, 1]
-    _write_latents(state.cache, P, M, torch.where(valid, t_keys, keys), torch.where(valid, t_values, values))
+    write_latents(state.cache, P, M, torch.where(valid, t_keys, keys), torch.where(valid, t_values, values))

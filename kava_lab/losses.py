@@ -34,6 +34,13 @@ def _layer_std(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var.sqrt().clamp(min=1e-6)
 
 
+def _full_mask(slot_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A slot mask ``[B, M]`` or ``[B, L, H, M]`` as ``[B, L, H, M]`` for K/V ``like`` ``[B, L, H, M, d]``."""
+    if slot_mask.dim() == 2:
+        return slot_mask[:, None, None, :].expand(like.shape[:4])
+    return slot_mask
+
+
 def kv_loss(student_k: torch.Tensor, student_v: torch.Tensor, teacher_k: torch.Tensor, teacher_v: torch.Tensor,
             slot_mask: torch.Tensor, kind: str = "smooth_l1", layer_std: bool = True,
             weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,10 +50,7 @@ def kv_loss(student_k: torch.Tensor, student_v: torch.Tensor, teacher_k: torch.T
     With ``layer_std`` each layer's residual is divided by the std of that layer's teacher target.
     ``weights`` ``[B, L, H_kv, M]`` (optional, e.g. :func:`importance_weights`) scale each entry's distance.
     """
-    if slot_mask.dim() == 2:
-        B, L, H, M, _ = teacher_k.shape
-        slot_mask = slot_mask[:, None, None, :].expand(B, L, H, M)
-    mask = slot_mask.bool()
+    mask = _full_mask(slot_mask, teacher_k).bool()
     n = mask.sum()
     if n == 0:
         return student_k.sum() * 0.0
@@ -85,9 +89,7 @@ def kv_content_floor(teacher_k: torch.Tensor, teacher_v: torch.Tensor, slot_mask
 
     teacher_k/v: ``[B, L, H_kv, M, d]``; slot_mask: ``[B, L, H_kv, M]`` (or ``[B, M]``)."""
     with torch.no_grad():
-        if slot_mask.dim() == 2:
-            B, L, H, M, _ = teacher_k.shape
-            slot_mask = slot_mask[:, None, None, :].expand(B, L, H, M)
+        slot_mask = _full_mask(slot_mask, teacher_k)
         m = slot_mask[..., None].to(teacher_k.dtype)  # [B, L, H, M, 1]
         others = (m.sum(0, keepdim=True) - m).clamp(min=1)  # valid rows other than this one
         loo_k = ((teacher_k * m).sum(0, keepdim=True) - teacher_k * m) / others  # [B, L, H, M, d]

@@ -29,8 +29,9 @@ def compressed_cache_answers(model, backbone, cfg: RunConfig, examples: list[Exa
     """Accuracy of ``model`` answering from ``[question, M compressed CoT entries]`` (``cfg.compress``);
     returns ``{"accuracy", "n", "M", "compressor", "kept_fraction", "accuracy_by_steps", "rows"}``."""
     from .evaluate import accuracy_by_steps, read_prediction
-    from .intervene import kv_target
+    from .intervene import compress_target, write_latents
     from .synthetic import n_steps
+    from .teacher import extract_teacher
 
     tok = backbone.tokenizer
     device = next(model.parameters()).device
@@ -41,14 +42,12 @@ def compressed_cache_answers(model, backbone, cfg: RunConfig, examples: list[Exa
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = collate([encode(e, tok, cfg.encoding, with_cot=True) for e in chunk], "teacher").to(device)
-        P, B = batch.P, len(chunk)
-        full = model(input_ids=batch.input_ids[:, :P], attention_mask=batch.attention_mask[:, :P],
-                     position_ids=batch.position_ids[:, :P], use_cache=True).past_key_values  # the question
-        target = kv_target(model, cfg, batch, M)  # keys/values [B, L, H_kv, M, d] at their own positions
-        cache = fork_cache(full)
-        for layer_index, layer in enumerate(cache.layers):
-            layer.keys = torch.cat([layer.keys, target.keys[:, layer_index].to(layer.keys.dtype)], 2)
-            layer.values = torch.cat([layer.values, target.values[:, layer_index].to(layer.values.dtype)], 2)
+        P = batch.P
+        ext = extract_teacher(model, batch, with_logits=False, keep_cache=True)
+        target = compress_target(ext, cfg, M)  # keys/values [B, L, H_kv, M, d] at their own positions
+        cache = fork_cache(ext.cache)
+        cache.crop(-(cache.get_seq_length() - P))  # the question columns of the same pass
+        write_latents(cache, P, M, target.keys, target.values)  # appended after the question
         slots = target.latent_mask.to(batch.attention_mask.dtype)  # [B, M]: CoTs shorter than M leave gaps
         n_prompt = int((batch.anchor - batch.prompt_start).max()) + 1
         offs = torch.arange(n_prompt, device=device)[None]

@@ -58,16 +58,14 @@ def pre_rope_keys(model, student_keys, teacher_keys, indices, student_batch, tea
     Student slot ``j`` sits at ``position_ids[:, P + j]``; a kept teacher entry at CoT index ``i`` (``indices``
     ``[B, L, H, M]``) at the teacher's ``position_ids[:, P_t + i]``. A model without rotary embeddings is
     returned unchanged."""
-    from .intervene import rotary_module, rotate_keys
+    from .intervene import kept_positions, rotary_module, rotate_keys
 
     rotary = rotary_module(model)
     if rotary is None:
         return student_keys, teacher_keys
     P, M = student_batch.P, student_batch.M
     s_pos = student_batch.position_ids[:, P:P + M]  # [B, M]
-    cot_pos = teacher_batch.position_ids[:, teacher_batch.P:]  # [B, S_t - P_t]
-    B, L, H, _ = indices.shape
-    t_pos = cot_pos.gather(1, indices.reshape(B, -1)).view(B, L, H, M)
+    t_pos = kept_positions(indices, teacher_batch)  # [B, L, H, M]
     return rotate_keys(student_keys, -s_pos, rotary), rotate_keys(teacher_keys.detach(), -t_pos, rotary)
 
 

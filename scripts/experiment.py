@@ -33,6 +33,9 @@ from kava_lab.evaluate import evaluate, evaluate_interventions  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
 
 
+TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv", "kv_floor", "step_ce")  # logged loss terms
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -112,8 +115,7 @@ def main(argv=None) -> dict:
             curve.append({"step": record["step"], "val_accuracy": acc})
             print(f"step {record['step']}: val accuracy {acc:.3f}", flush=True)
         if record["step"] % 50 == 0:
-            names = ("loss", "teacher_ce", "student_ce", "codi", "kv", "kv_floor", "step_ce")
-            terms = " ".join(f"{k}={record[k]:.4g}" for k in names if k in record)
+            terms = " ".join(f"{k}={record[k]:.4g}" for k in TERMS if k in record)
             print(f"step {record['step']}: {terms} ({record['step_time_s']:.2f} s/step)", flush=True)
 
     t0 = time.perf_counter()
@@ -144,7 +146,7 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
         train_minutes = sum(r["step_time_s"] for r in metrics) / 60
     tail = metrics[-50:]
     final_terms = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
-                   if k in ("loss", "teacher_ce", "student_ce", "codi", "kv", "kv_floor", "step_ce", "grad_norm")} if tail else {}
+                   if k in TERMS + ("grad_norm",)} if tail else {}
     record = {
         "name": args.name, "why": args.why or previous.get("why", ""), "method": cfg.method,
         "trace": cfg.data.trace, "seed": cfg.seed, "task": cfg.data.train, "overrides": overrides,
