@@ -1,7 +1,8 @@
 """How much of the answer survives in the KV target: two oracles over compressors and slot counts.
 
-    python scripts/target_oracle.py --task synthetic:5-8:alternate --set stage0_steps=2000 \
-        --grid rkv:12 rkv:24 stride:12 crop:160 --out results/probes/target-oracle-a58-stage0.json
+    python scripts/target_oracle.py --task synthetic:5-8:alternate --set stage0_steps=2000 --threads 2 \
+        --grid crop:160 rkv:12 rkv:24 rkv:48 attention:12 stride:12 crop:12 \
+        --out results/probes/teacher-oracle-a58-stage0.json
     python scripts/target_oracle.py --run runs/exp/NAME --grid rkv:12 rkv:24
 
 For each ``compressor:M``, on the validation problems:
