@@ -203,7 +203,7 @@ def stage0_dir(cfg: RunConfig) -> Path:
     # Only fields that differ from their defaults: adding a defaulted config field keeps every cache key.
     key = {k: v for k, v in non_default(s0).items() if k not in ("method", "preset", "log_every", "save_every",
                                                                   "max_new_tokens")}
-    if s0.data.train == "synthetic":
+    if s0.data.train == "synthetic" or s0.data.train.startswith("synthetic:"):  # "synthetic:5-8:alternate" too
         from .synthetic import VERSION
 
         key["synthetic_version"] = VERSION

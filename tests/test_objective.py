@@ -96,6 +96,20 @@ def test_stage0_key_ignores_defaults_and_latent_settings():
     assert stage0_dir(apply_overrides(cfg, ["data.train=synthetic:3-6"])) != stage0_dir(cfg)
 
 
+@pytest.mark.parametrize("task", ["synthetic", "synthetic:5-8:alternate"])
+def test_stage0_key_follows_the_generator_version(monkeypatch, task):
+    """A generator change (VERSION bump) must rebuild a cached stage 0, for the task specs too (it did not
+    for "synthetic:5-8:alternate" before: the key only knew the bare "synthetic")."""
+    from kava_lab import synthetic
+    from kava_lab.config import apply_overrides
+    from kava_lab.train import stage0_dir
+
+    cfg = apply_overrides(get_preset("tiny", "kava"), [f"data.train={task}"])
+    before = stage0_dir(cfg)
+    monkeypatch.setattr(synthetic, "VERSION", synthetic.VERSION + 1)
+    assert stage0_dir(cfg) != before
+
+
 @pytest.mark.parametrize("mode", ["jacobi", "sequential"])
 def test_sharing_the_teachers_question_cache_changes_neither_losses_nor_gradients(tiny_backbone, mode):
     """The student's prefill on the teacher's question columns equals re-encoding the question."""
