@@ -1,14 +1,15 @@
 """Training and evaluation throughput on the tiny preset, with a step-time breakdown.
 
-    python benchmarks/bench_train.py [--task synthetic:3-6] [--steps 8] [--threads 1] [--quick]
+    python benchmarks/bench_train.py [--task synthetic:3-6] [--steps 8] [--threads 1] [--quick] [--compile]
 
 For every method, the median time of one optimizer step (batch 32) and its split into teacher forward,
 compression, latent loop, answer pass, backward and optimizer; tokens/s (teacher + student tokens); the
-KaVa step over the PCCoT step (the cost of the KV objective); the KaVa step with the student's prefill reusing
-the teacher's question columns against re-encoding the question (steps alternate, same process, so machine
-load hits both alike); and evaluation questions/s for cot and kava. The backbone is the randomly initialised
-tiny model (no stage 0 needed): timings do not depend on the weights, except generation lengths (cot runs to
-its token budget). Figures are medians over repeated steps, measured in one run.
+KaVa step over the PCCoT step (the cost of the KV objective). Then, for the KaVa step, each against its
+baseline with steps alternating in one process (machine load hits both alike): the student's prefill on the
+teacher's question columns vs re-encoding the question; length-grouped batches (``optim.group_by_length``)
+vs the plain draw; with ``--compile``, ``optim.compile`` vs eager. Last, evaluation questions/s for cot and
+kava. The backbone is the randomly initialised tiny model (no stage 0 needed): timings do not depend on the
+weights, except generation lengths (cot runs to its token budget). Figures are medians over repeated steps.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def timed_parts(times: dict):
 
 
 def build(method: str, task: str | None):
-    overrides = ["stage0_steps=0", "data.train_limit=512"]
+    overrides = ["stage0_steps=0", "data.train_limit=2048"]
     if task:
         overrides += [f"data.train={task}", f"data.eval={task}"]
     cfg = apply_overrides(get_preset("tiny", method, trace="nl"), overrides)
@@ -69,10 +70,12 @@ def build(method: str, task: str | None):
     return cfg, student, backbone, items, objective, optimizer
 
 
-def one_step(cfg, backbone, items, objective, optimizer, i: int, times: dict, share: bool = True) -> int:
+def one_step(cfg, backbone, items, objective, optimizer, i: int, times: dict, share: bool = True,
+             grouped: bool = False) -> int:
+    """Training step ``i`` on the batch training draws at that step (length-grouped when ``grouped``)."""
     collate = Collator.for_backbone(backbone)
-    B = cfg.optim.batch_size
-    chunk = [items[(i * B + k) % len(items)] for k in range(B)]
+    lengths = [len(it.question) + len(it.cot) + len(it.prompt) + len(it.answer) for it in items] if grouped else None
+    chunk = [items[k] for k in T._batch_indices(len(items), 0, i, cfg.optim.batch_size, 1, 0, lengths)]
     tb = collate(chunk, "teacher")
     sb = collate(chunk, "student", M=cfg.latent.M) if cfg.uses_latents else None
     tokens = int(tb.attention_mask.sum()) + (int(sb.attention_mask.sum()) if sb is not None else 0)
@@ -127,6 +130,41 @@ def bench_sharing(built, steps):
     return statistics.median(on), statistics.median(off)
 
 
+def bench_compile(task, steps, warmup=3):
+    """The KaVa step with optim.compile (each layer's MLP and norms compiled) against eager: two copies of the
+    same run, steps alternating, so machine load hits both alike. Returns (compiled s, eager s, compile s)."""
+    from kava_lab.backbone import compile_blocks
+
+    eager = build("kava", task)
+    compiled = build("kava", task)
+    compile_blocks(compiled[1].model)
+    t0 = time.perf_counter()
+    for i in range(warmup):  # the first calls compile (dynamic shapes: later lengths reuse the graphs)
+        cfg, _student, backbone, items, objective, optimizer = compiled
+        one_step(cfg, backbone, items, objective, optimizer, i, defaultdict(float))
+    compile_s = time.perf_counter() - t0
+    on, off = [], []
+    for i in range(steps):
+        for built, out in ((compiled, on), (eager, off)):
+            t0 = time.perf_counter()
+            cfg, _student, backbone, items, objective, optimizer = built
+            one_step(cfg, backbone, items, objective, optimizer, warmup + i, defaultdict(float))
+            out.append(time.perf_counter() - t0)
+    return statistics.median(on), statistics.median(off), compile_s
+
+
+def bench_grouping(built, steps):
+    """KaVa tokens/s with optim.group_by_length against the plain draw: same model, steps alternating."""
+    cfg, student, backbone, items, objective, optimizer = built
+    on, off = [], []
+    for i in range(steps):
+        for grouped, out in ((True, on), (False, off)):
+            t0 = time.perf_counter()
+            tokens = one_step(cfg, backbone, items, objective, optimizer, i, defaultdict(float), grouped=grouped)
+            out.append(tokens / (time.perf_counter() - t0))
+    return statistics.median(on), statistics.median(off)
+
+
 def bench_eval(method, task, n):
     from kava_lab.evaluate import evaluate
     from kava_lab.loaders import load_examples
@@ -145,6 +183,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--eval-n", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="also time the KaVa step with optim.compile")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, kava and pccot only")
     args = ap.parse_args(argv)
     if args.threads:
@@ -165,6 +204,13 @@ def main(argv=None):
     on, off = bench_sharing(results["kava"][1], steps)
     print(f"KaVa step, student prefill on the teacher's question columns: {on:.3f} s; re-encoding the question: "
           f"{off:.3f} s; speed-up {off / on:.2f}x")
+    on, off = bench_grouping(results["kava"][1], steps)
+    print(f"KaVa tokens/s with optim.group_by_length: {on:.0f}; random batches: {off:.0f}; speed-up {on / off:.2f}x "
+          "(padding removed; the tokens counted are real ones)")
+    if args.compile:
+        on, off, compile_s = bench_compile(args.task, steps)
+        print(f"KaVa step with optim.compile: {on:.3f} s; eager: {off:.3f} s; speed-up {off / on:.2f}x after "
+              f"{compile_s:.0f} s of warm-up steps (compilation)")
     for method in ("cot", "kava") if not args.quick else ("kava",):
         qps, passes = bench_eval(method, args.task, 16 if args.quick else args.eval_n)
         print(f"evaluation {method}: {qps:.1f} questions/s ({passes:.1f} forward passes per question)")

@@ -244,6 +244,22 @@ def _load_tokenizer(location: str, extra: dict):
     return AutoTokenizer.from_pretrained(location, **extra)
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` (in place, dynamic shapes) each decoder layer's MLP and RMSNorms: the elementwise work
+    around the matmuls (SiLU gate, norms) fuses into few kernels. Attention and the cache stay eager (the
+    whole layer recompiles on every cache/kwargs variant). Parameters and state dict are unchanged. Returns the
+    number of compiled modules."""
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
+                sub = getattr(module, name, None)
+                if isinstance(sub, torch.nn.Module):
+                    sub.compile(dynamic=True)
+                    n += 1
+    return n
+
+
 def load_backbone(spec: str = "tiny", dtype: torch.dtype | str = torch.float32, tiny: TinyConfig = TinyConfig(),
                   device: str | torch.device | None = None) -> Backbone:
     """Load ``(model, tokenizer)`` for ``spec`` with the KaVa special tokens added. See module docstring."""

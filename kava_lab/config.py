@@ -105,7 +105,10 @@ class OptimConfig:
     batch_size: int = 32  # per device, per micro-step
     effective_batch: int = 32  # batch_size * processes * accumulation
     grad_clip: float = 2.0
-    bf16: bool = True  # autocast on CUDA only
+    bf16: bool = True  # autocast on CUDA only (on the 2-core CPU, bf16 autocast made a KaVa step 0.82x as fast)
+    group_by_length: bool = False  # batches of similar length (train._grouped_epoch): less padding, other batches
+    compile: bool = False  # torch.compile each decoder layer's MLP and norms (backbone.compile_blocks); pays on
+    # long runs: ~40 s of compilation for ~1.1x per step on the tiny preset's CPU step (benchmarks/bench_train.py)
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,7 @@ def stage0_dir(cfg: RunConfig) -> Path:
     from .config import non_default
 
     s0 = stage0_config(cfg)
+    s0 = replace(s0, optim=replace(s0.optim, compile=False))  # the same weights with or without compilation
     # Only fields that differ from their defaults: adding a defaulted config field keeps every cache key.
     key = {k: v for k, v in non_default(s0).items() if k not in ("method", "preset", "log_every", "save_every",
                                                                   "max_new_tokens")}

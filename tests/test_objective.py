@@ -159,3 +159,35 @@ def test_answer_logits_only_on_request_and_the_objective_skips_them(tiny_backbon
     assert torch.equal(full.cot_keys, lean.cot_keys)
     lean.save(tmp_path / "x.safetensors")
     assert TeacherOutput.load(tmp_path / "x.safetensors").answer_logits is None
+
+
+def test_compiled_blocks_give_the_same_losses_and_gradients(family_paths):
+    """optim.compile (torch.compile of each layer's MLP and norms) changes speed, not the maths."""
+    from kava_lab.backbone import compile_blocks, load_backbone
+    from kava_lab.student import Student
+    from kava_lab.train import KaVaObjective
+
+    b = load_backbone(str(family_paths["llama"]))  # its own copy: compilation is in place
+    cfg = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(cfg, latent=dataclasses.replace(cfg.latent, M=4, T=2))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(4, trace="nl", min_steps=2, max_steps=5)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    objective = KaVaObjective(Student(b.model, cfg.latent, eos_id=b.eos_id, eot_id=b.eot_id), cfg)
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            assert compile_blocks(b.model) == 3 * b.num_layers
+            assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in b.model.modules()) == 3 * b.num_layers
+        objective.zero_grad()
+        terms = objective(tb, sb)
+        terms["loss"].backward()
+        results.append(({k: v.item() for k, v in terms.items()},
+                        {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}))
+    (eager, g1), (comp, g2) = results
+    for k in eager:
+        assert comp[k] == pytest.approx(eager[k], rel=1e-4, abs=1e-6), k
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-3, atol=1e-5), n
+    assert not any(k.startswith("_orig_mod") for k in b.model.state_dict())  # checkpoints load either way

@@ -143,3 +143,59 @@ def test_demo_run_trains_once_then_reuses(tmp_path):
     assert demo_run("kava", small=True, root=tmp_path / "other", log=said.append, reuse=[tmp_path / "none", first],
                     steps=3) == first
     assert said[0].startswith("reusing the finished kava run"), said
+
+
+def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
+    """optim.group_by_length: each epoch draws every example at most once (all but n % B), batches of one
+    process and of different ranks are disjoint, the stream is a pure function of the step (resume-safe), and
+    a batch's padding falls well below random batching's."""
+    import random
+
+    from kava_lab.train import GROUP_WINDOW, _batch_indices
+
+    rng = random.Random(0)
+    lengths = [rng.randint(40, 200) for _ in range(1000)]
+    B, world = 16, 2
+    per_epoch = len(lengths) // B  # 62 batches; 8 examples sit out
+    seen = []
+    for micro in range(per_epoch // world):
+        ranks = [_batch_indices(len(lengths), 3, micro, B, world, r, lengths) for r in range(world)]
+        assert not set(ranks[0]) & set(ranks[1])
+        seen += ranks[0] + ranks[1]
+    assert len(seen) == len(set(seen)) == per_epoch * B
+    assert _batch_indices(len(lengths), 3, 5, B, world, 1, lengths) == _batch_indices(len(lengths), 3, 5, B, world, 1,
+                                                                                        list(lengths))
+    next_epoch = [i for m in range(per_epoch // world, per_epoch) for r in range(world)
+                  for i in _batch_indices(len(lengths), 3, m, B, world, r, lengths)]
+    assert len(set(next_epoch)) == len(next_epoch)
+    assert next_epoch != seen[:len(next_epoch)]  # another epoch, another order
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches) / \
+            sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    grouped = [_batch_indices(len(lengths), 0, m, B, 1, 0, lengths) for m in range(per_epoch)]
+    plain = [_batch_indices(len(lengths), 0, m, B, 1, 0) for m in range(per_epoch)]
+    assert padding(plain) > 0.3 and padding(grouped) < 0.05
+    # batches are not ordered by length: the epoch does not sweep from long to short problems
+    means = [sum(lengths[i] for i in b) / B for b in grouped][:GROUP_WINDOW]  # one window, were it unshuffled
+    assert means != sorted(means) and means != sorted(means, reverse=True)
+
+
+def test_group_by_length_trains_and_resumes(tmp_path):
+    cfg = small_cfg(steps=4)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, group_by_length=True))
+    full = train(cfg, tmp_path / "full", log=lambda s: None)
+
+    def crash(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", callback=crash, log=lambda s: None)
+    train(cfg, tmp_path / "cut", resume=True, log=lambda s: None)
+    for (_, x), (_, y) in zip(_losses(full), _losses(tmp_path / "cut")):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
+    plain = train(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, group_by_length=False)),
+                  tmp_path / "plain", log=lambda s: None)
+    assert _losses(plain) != _losses(full)  # the setting changes which examples share a batch

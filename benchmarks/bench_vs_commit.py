@@ -1,0 +1,95 @@
+"""Training tokens/s of this tree against an earlier commit, measured side by side through ``train()``.
+
+    python benchmarks/bench_vs_commit.py --commit b9ec0c9 [--steps 60] [--threads 2] \
+        [--set optim.group_by_length=true] [--set optim.compile=true]
+
+Each side trains the tiny preset's KaVa run (random tiny backbone, no stage 0, NL traces) for ``--steps``
+optimizer steps in its own process and its own cache folder: the earlier commit from a temporary ``git worktree``,
+this tree with the ``--set`` overrides (several ``--set`` groups: ``--variant NAME=KEY=VALUE,KEY=VALUE``). The
+figure is what ``train()`` itself logs, tokens/s (real tokens, padding excluded) and step time, as medians over
+the steps after the first ``--skip`` (warm-up, compilation). Rounds alternate the sides (``--rounds``), so a
+change in machine load hits each alike. The two commits may generate different synthetic problems (the
+generator changed in between): tokens/s normalises for their length, step time does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, os, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+from kava_lab.config import get_preset
+from kava_lab.train import train, read_metrics
+overrides = json.loads(sys.argv[4])
+cfg = get_preset("tiny", "kava", trace="nl", steps=int(sys.argv[2]))
+if overrides:
+    from kava_lab.config import apply_overrides
+    cfg = apply_overrides(cfg, overrides)
+import dataclasses
+cfg = dataclasses.replace(cfg, stage0_steps=0, save_every=10**9, log_every=1)
+out = tempfile.mkdtemp()
+train(cfg, out, log=lambda s: None)
+print(json.dumps([{k: r[k] for k in ("step", "tokens_per_s", "step_time_s")} for r in read_metrics(out)]))
+"""
+
+
+def run_side(src: Path, steps: int, threads: int, overrides: list[str], cache: Path) -> list[dict]:
+    env = dict(os.environ, KAVA_LAB_CACHE=str(cache), OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-c", CHILD, str(src), str(steps), str(threads), json.dumps(overrides)],
+                          capture_output=True, text=True, env=env, cwd=src)
+    if done.returncode:
+        raise RuntimeError(f"training at {src} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--commit", default="b9ec0c9", help="the earlier commit (the issue's baseline by default)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--skip", type=int, default=10, help="first steps left out of the medians")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=KEY=VALUE[,KEY=VALUE]: a configuration of this tree to time (default: the preset)")
+    args = ap.parse_args(argv)
+    variants = {"this tree": []}
+    for v in args.variant:
+        name, _, sets = v.partition("=")
+        variants[name] = [s for s in sets.split(",") if s]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = tmp / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base), args.commit], check=True)
+        try:
+            sides = {f"{args.commit}": (base, [])} | {k: (ROOT, v) for k, v in variants.items()}
+            rows = {k: [] for k in sides}
+            for _ in range(args.rounds):
+                for name, (src, overrides) in sides.items():
+                    metrics = run_side(src, args.steps, args.threads, overrides, tmp / f"cache-{abs(hash(name))}")
+                    rows[name] += metrics[args.skip:]
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+    print(f"tiny preset KaVa training, {args.steps} steps x {args.rounds} rounds per side (medians after step "
+          f"{args.skip}), {args.threads} threads")
+    base_tps = statistics.median(r["tokens_per_s"] for r in rows[args.commit])
+    for name, rs in rows.items():
+        tps = statistics.median(r["tokens_per_s"] for r in rs)
+        st = statistics.median(r["step_time_s"] for r in rs)
+        label = name + (f" ({', '.join(variants[name])})" if variants.get(name) else "")
+        print(f"{label:>60}: {tps:8.0f} tokens/s, {st:.3f} s/step, {tps / base_tps:.2f}x {args.commit}'s tokens/s")
+
+
+if __name__ == "__main__":
+    main()
