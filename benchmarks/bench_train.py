@@ -74,7 +74,7 @@ def one_step(cfg, backbone, items, objective, optimizer, i: int, times: dict, sh
              grouped: bool = False) -> int:
     """Training step ``i`` on the batch training draws at that step (length-grouped when ``grouped``)."""
     collate = Collator.for_backbone(backbone)
-    lengths = [len(it.question) + len(it.cot) + len(it.prompt) + len(it.answer) for it in items] if grouped else None
+    lengths = tuple(it.teacher_len for it in items) if grouped else None
     chunk = [items[k] for k in T._batch_indices(len(items), 0, i, cfg.optim.batch_size, 1, 0, lengths)]
     tb = collate(chunk, "teacher")
     sb = collate(chunk, "student", M=cfg.latent.M) if cfg.uses_latents else None
@@ -138,18 +138,18 @@ def bench_compile(task, steps, warmup=3):
     eager = build("kava", task)
     compiled = build("kava", task)
     compile_blocks(compiled[1].model)
-    t0 = time.perf_counter()
-    for i in range(warmup):  # the first calls compile (dynamic shapes: later lengths reuse the graphs)
-        cfg, _student, backbone, items, objective, optimizer = compiled
+
+    def step(built, i):
+        cfg, _student, backbone, items, objective, optimizer = built
+        t0 = time.perf_counter()
         one_step(cfg, backbone, items, objective, optimizer, i, defaultdict(float))
-    compile_s = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    compile_s = sum(step(compiled, i) for i in range(warmup))  # the first calls compile (dynamic shapes)
     on, off = [], []
-    for i in range(steps):
-        for built, out in ((compiled, on), (eager, off)):
-            t0 = time.perf_counter()
-            cfg, _student, backbone, items, objective, optimizer = built
-            one_step(cfg, backbone, items, objective, optimizer, warmup + i, defaultdict(float))
-            out.append(time.perf_counter() - t0)
+    for i in range(warmup, warmup + steps):
+        on.append(step(compiled, i))
+        off.append(step(eager, i))
     return statistics.median(on), statistics.median(off), compile_s
 
 

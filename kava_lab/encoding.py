@@ -44,6 +44,11 @@ class Encoded:
     example: Example | None = None
     cot_step_lens: tuple[int, ...] = ()  # tokens of each CoT step (sums to len(cot)); () if unknown
 
+    @property
+    def teacher_len(self) -> int:
+        """Tokens of the teacher sequence [question, CoT, prompt, answer], the longest of a training step."""
+        return len(self.question) + len(self.cot) + len(self.prompt) + len(self.answer)
+
 
 def cot_text(example: Example, cfg: EncodingConfig = EncodingConfig()) -> str:
     steps = list(example.steps)

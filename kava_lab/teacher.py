@@ -222,7 +222,7 @@ def extract_many(backbone, examples: Sequence, batch_size: int = 4, cfg: Encodin
     if not encoded:
         raise ValueError("extract_many needs at least one example")
     collate = Collator.for_backbone(backbone)
-    total = [len(x.question) + len(x.cot) + len(x.prompt) + len(x.answer) for x in encoded]
+    total = [x.teacher_len for x in encoded]
     order = sorted(range(len(encoded)), key=lambda i: total[i]) if sort_by_length else list(range(len(encoded)))
     outs = []
     for start in range(0, len(order), batch_size):

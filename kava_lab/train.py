@@ -151,14 +151,14 @@ def encode_all(examples, tokenizer, cfg: RunConfig) -> list[Encoded]:
 # -------------------------------------------------------------------------------------------- the loop
 
 def _batch_indices(n: int, seed: int, global_micro: int, batch_size: int, world: int, rank: int,
-                   lengths: list[int] | None = None) -> list[int]:
+                   lengths: tuple[int, ...] | None = None) -> list[int]:
     """Indices of one process's micro-batch: a deterministic stream of per-epoch permutations.
 
     With ``lengths`` (``optim.group_by_length``) the batches are drawn from :func:`_grouped_epoch` instead."""
     if lengths is not None and n >= batch_size:
         per_epoch = n // batch_size
         epoch, j = divmod(global_micro * world + rank, per_epoch)
-        return _grouped_epoch(tuple(lengths), seed, epoch, batch_size)[j]
+        return _grouped_epoch(lengths, seed, epoch, batch_size)[j]
     start = (global_micro * world + rank) * batch_size
     out = []
     while len(out) < batch_size:
@@ -262,8 +262,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
         raise ValueError(f"no training examples: {cfg.data.train!r} split {cfg.data.train_split!r} is empty")
     items = encode_all(examples, backbone.tokenizer, cfg)
     collate = Collator.for_backbone(backbone)
-    lengths = ([len(it.question) + len(it.cot) + len(it.prompt) + len(it.answer) for it in items]
-               if cfg.optim.group_by_length else None)  # the teacher sequence, the longest of a step
+    lengths = tuple(it.teacher_len for it in items) if cfg.optim.group_by_length else None
     objective = KaVaObjective(student, cfg)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
