@@ -107,8 +107,8 @@ class OptimConfig:
     grad_clip: float = 2.0
     bf16: bool = True  # autocast on CUDA only (on the 2-core CPU, bf16 autocast made a KaVa step 0.82x as fast)
     group_by_length: bool = False  # batches of similar length (train._grouped_epoch): less padding, other batches
-    compile: bool = False  # torch.compile each decoder layer's MLP and norms (backbone.compile_blocks); pays on
-    # long runs: ~40 s of compilation for ~1.1x per step on the tiny preset's CPU step (benchmarks/bench_train.py)
+    compile: bool = False  # torch.compile each decoder layer's MLP and norms (backbone.compile_blocks); for long
+    # runs: ~40 s of compilation (cold cache), then 1.05-1.18x per tiny KaVa step on CPU (bench_train / bench_vs_commit)
 
 
 @dataclass(frozen=True)
