@@ -91,7 +91,8 @@ def test_stage0_key_ignores_defaults_and_latent_settings():
 
     assert non_default(RunConfig()) == {}
     cfg = get_preset("tiny", "kava")
-    same = apply_overrides(cfg, ["loss.codi_norm=examples", "latent.T=12", "curriculum.stages=3"])
+    same = apply_overrides(cfg, ["loss.codi_norm=examples", "latent.T=12", "curriculum.stages=3",
+                                 "optim.group_by_length=true", "optim.compile=true"])
     assert stage0_dir(same) == stage0_dir(cfg)  # stage 0 resets these, so it is shared
     assert stage0_dir(apply_overrides(cfg, ["data.train=synthetic:3-6"])) != stage0_dir(cfg)
 
