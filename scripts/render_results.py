@@ -30,7 +30,9 @@ def pct(x) -> str:
 
 def _settings(r: dict) -> str:
     skip = ("data.train=", "data.eval=")
-    return ", ".join(o for o in r.get("overrides", []) if not o.startswith(skip)) or "preset"
+    # no overrides: the preset as it was when the run was made (its defaults change; the record keeps the steps)
+    return ", ".join(o for o in r.get("overrides", []) if not o.startswith(skip)) or \
+        (f"preset, {r['steps']} steps" if r.get("steps") else "preset")
 
 
 def log_table(records: list[dict], split: str = "val") -> str:
@@ -63,7 +65,9 @@ def by_steps_table(records: list[dict], split: str = "val") -> str:
     return "\n".join(lines)
 
 
-def main_table(records: list[dict], split: str = "test") -> str:
+def main_table(records: list[dict], split: str = "test", min_seeds: int = 1) -> str:
+    """One row per (method, trace, task, settings): mean ± std over its seeds; groups with fewer than
+    ``min_seeds`` records are left out."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if split in r["evals"]:
@@ -82,6 +86,8 @@ def main_table(records: list[dict], split: str = "test") -> str:
             "forward passes | train min |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (method, trace, task, settings), rs in sorted(groups.items()):
+        if len({r["seed"] for r in rs}) < min_seeds:
+            continue
         ev = [r["evals"][split] for r in rs]
         iv = lambda k: ms([e.get("interventions", {}).get(k, {}).get("accuracy") for e in ev])
         lines.append("| " + " | ".join([
@@ -97,6 +103,9 @@ def render(records: list[dict]) -> str:
         parts += ["**Test split, mean ± std over seeds** (accuracy %, interventions applied to the latent cache):",
                   "", main_table(records, "test"), "", "Test accuracy by number of steps:", "",
                   by_steps_table(records, "test"), ""]
+    if main_table(records, "val", min_seeds=2).count("\n") > 1:
+        parts += ["**Validation split, mean ± std over seeds** (settings run on 2 or more seeds):", "",
+                  main_table(records, "val", min_seeds=2), ""]
     parts += ["**Every run, validation split** (accuracy %; the recipe is chosen here, never on test):", "",
               log_table(records, "val"), "", "Validation accuracy by number of steps:", "",
               by_steps_table(records, "val")]

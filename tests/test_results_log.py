@@ -38,6 +38,21 @@ def test_log_table_shows_each_intervention_the_counterfactual_rate_and_the_oracl
     assert rr.log_table([old]).splitlines()[-1].count("–") == 6
 
 
+def test_seed_table_gives_mean_and_std_and_leaves_out_single_seed_settings():
+    rr = _render_module()
+
+    def rec(seed, acc, steps="800"):
+        return {"name": f"r{seed}", "method": "nocot", "trace": "nl", "seed": seed, "task": "synthetic",
+                "overrides": [f"optim.steps={steps}"], "train_minutes": 2.0,
+                "evals": {"val": {"plain": {"accuracy": acc, "n": 10, "forward_passes": 7.0}}}}
+
+    records = [rec(0, 0.5), rec(1, 0.7), rec(0, 0.9, steps="400")]
+    table = rr.main_table(records, "val", min_seeds=2)
+    rows = table.splitlines()[2:]
+    assert len(rows) == 1 and "optim.steps=800" in rows[0] and "60.0 ± 14.1" in rows[0]
+    assert len(rr.main_table(records, "val").splitlines()) == 4  # min_seeds=1 keeps the single-seed setting
+
+
 def test_target_oracle_script_reports_each_compressor_and_slot_count(tmp_path, monkeypatch):
     monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
     spec = importlib.util.spec_from_file_location("target_oracle", ROOT / "scripts" / "target_oracle.py")
