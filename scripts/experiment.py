@@ -59,10 +59,8 @@ def evaluate_split(student, backbone, cfg, split: str, limit: int, interventions
     return out
 
 
-def main(argv=None) -> dict:
-    from kava_lab.runs import build_student
-    from kava_lab.train import train
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of one experiment (scripts/sweep.py checks every line of a plan with it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name")
     ap.add_argument("--method", default="kava")
@@ -77,11 +75,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--eval-set", dest="eval_overrides", action="append", default=[],
                     help="override applied at evaluation only, e.g. max_new_tokens=160")
-    ap.add_argument("--existing", default=None, help="record an already trained run folder (e.g. a cached "
-                    "stage 0) instead of training; its own config is used")
+    ap.add_argument("--existing", default=None, help="record an already trained run folder instead of "
+                    "training; its own config is used. 'stage0': this config's cached CoT stage 0 (trained "
+                    "first if missing), the CoT row of a table")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "exp"))
     ap.add_argument("--results", default=str(ROOT / "results"))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    from kava_lab.runs import build_student
+    from kava_lab.train import train
+
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -94,6 +100,11 @@ def main(argv=None) -> dict:
     record_path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
 
+    if args.existing == "stage0":
+        from kava_lab.runs import ensure_stage0, stage0_dir
+
+        ensure_stage0(cfg)
+        args.existing = str(stage0_dir(cfg) / "run")
     if args.existing:  # re-evaluate (e.g. with --eval-set); keep what the earlier record says of the training
         run_dir = Path(args.existing)
         if previous.get("run_dir") in (None, str(run_dir)) and previous.get("overrides") is not None and \
