@@ -1,4 +1,10 @@
-"""Two CPU processes (torchrun, gloo through accelerate) train like one process at the same effective batch.
+"""Two CPU processes (torchrun, or `accelerate launch --multi_gpu --num_processes 2`; gloo) train like one process
+at the same effective batch.
+
+`accelerate launch --num_processes 2 --cpu` is not among them: accelerate's CPU path is its simple launcher, which
+starts ONE process (its multi-CPU launch goes through mpirun with a hostfile), and the run then reports
+"batch 8 = 4 x 1 x 2" (one process, accumulation 2). On a CPU-only machine ``--multi_gpu`` starts torchrun's
+processes and the kit's training falls back to CPU/gloo by itself.
 
 Both runs see the same examples per optimizer step (two ranks x 4 examples vs one process x 2 micro-batches of
 4) and average the same per-micro-batch gradients, so the logged losses and the final weights agree to float
@@ -34,18 +40,28 @@ def _rows(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+LAUNCHERS = {  # the two ways a user starts several processes; both must give one run
+    "torchrun": lambda port: ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "-m"],
+    "accelerate": lambda port: ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                                "-m"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_two_cpu_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_cpu_processes_match_one_process(tmp_path, launcher):
+    if shutil.which(launcher) is None:
+        pytest.skip(f"{launcher} not on PATH")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "kava_lab.cli", "train", "--out", str(one), *ARGS], env=env, check=True,
                    capture_output=True, timeout=600)
-    done = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m",
-                           "kava_lab.cli", "train", "--out", str(two), *ARGS], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([*LAUNCHERS[launcher](_free_port()), "kava_lab.cli", "train", "--out", str(two), *ARGS],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("training kava") == 1  # rank 0 speaks for the run ...
+    assert "batch 8 = 4 x 2 x 1" in done.stdout  # 4 examples x 2 processes, no accumulation
     a, b = _rows(one), _rows(two)
     assert [r["step"] for r in b] == [1, 2, 3]  # ... and writes one row per step
     for ra, rb in zip(a, b):
