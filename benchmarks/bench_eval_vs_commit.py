@@ -1,0 +1,107 @@
+"""Evaluation questions/s of this tree against an earlier commit, on the same trained backbone, side by side.
+
+    python benchmarks/bench_eval_vs_commit.py --model ~/.cache/kava_lab/stage0-*/model [--commit b9ec0c9] \
+        [--n 128] [--rounds 2] [--threads 1]
+
+A random backbone never emits eos, so every question decodes to the full budget and questions/s says little
+(bench_train.py's evaluation figure). Here both sides load one trained model folder (a cached stage 0: CoT-trained
+on both trace styles, so its CoT decodes stop where a trained model's do) and time ``evaluate()`` on ``--n``
+test problems (the split both trees have): CoT (greedy decoding of the whole chain) and KaVa (the latent loop, then the answer; the
+projection is the untouched initialisation, so the answers are not the point, the work is). Each side runs in its
+own process from its own tree (the earlier commit in a temporary ``git worktree``); rounds alternate the sides.
+The two commits may generate different problems (the generator changed in between), so the table also gives
+forward passes per question and their rate: passes/s compares the decoding machinery on unequal work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+from dataclasses import replace
+from kava_lab.config import get_preset
+from kava_lab.evaluate import evaluate
+from kava_lab.loaders import load_examples
+try:
+    from kava_lab.runs import build_student
+except ImportError:  # older trees kept it in train.py
+    from kava_lab.train import build_student
+out = {}
+for method in ("cot", "kava"):
+    cfg = replace(get_preset("tiny", method, trace="nl"), backbone=sys.argv[2], stage0_steps=0)
+    student, backbone = build_student(cfg)
+    examples = load_examples(cfg.data.eval, split="test", trace="nl", limit=int(sys.argv[3]))  # old trees: no val split
+    evaluate(student, backbone, cfg, examples[:8], batch_size=64)  # warm-up
+    t0 = time.perf_counter()
+    summary = evaluate(student, backbone, cfg, examples, batch_size=64)
+    seconds = time.perf_counter() - t0
+    out[method] = {"seconds": seconds, "n": len(examples), "accuracy": summary["accuracy"],
+                   "passes": summary["forward_passes"]}
+print(json.dumps(out))
+"""
+
+
+def run_side(src: Path, model: Path, n: int, threads: int, cache: Path) -> dict:
+    env = dict(os.environ, KAVA_LAB_CACHE=str(cache), OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-c", CHILD, str(src), str(model), str(n), str(threads)],
+                          capture_output=True, text=True, env=env, cwd=src)
+    if done.returncode:
+        raise RuntimeError(f"evaluation at {src} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, type=Path, help="a trained model folder (e.g. a cached stage 0's model/)")
+    ap.add_argument("--commit", default="b9ec0c9", help="the earlier commit (issue 8's baseline by default)")
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if not (args.model / "config.json").exists():
+        ap.error(f"--model {args.model}: expected a model folder with config.json (e.g. "
+                 "~/.cache/kava_lab/stage0-<hash>/model, written by any training run's stage 0)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = tmp / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base), args.commit], check=True)
+        try:
+            sides = {args.commit: base, "this tree": ROOT}
+            rows = {k: [] for k in sides}
+            for _ in range(args.rounds):
+                for name, src in sides.items():
+                    rows[name].append(run_side(src, args.model.resolve(), args.n, args.threads, tmp / f"c-{len(name)}"))
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+    print(f"evaluate() on {args.n} test problems, batch 64, {args.threads} thread(s), {args.rounds} rounds "
+          f"(median), model {args.model}")
+    print("| side | method | questions/s | forward passes / question | passes/s | accuracy |")
+    print("|---|---|---|---|---|---|")
+    med = {}
+    for name, rs in rows.items():
+        for method in ("cot", "kava"):
+            q = statistics.median(r[method]["n"] / r[method]["seconds"] for r in rs)
+            p = statistics.median(r[method]["passes"] for r in rs)
+            med[name, method] = (q, q * p)
+            print(f"| {name} | {method} | {q:.1f} | {p:.1f} | {q * p:.0f} | {100 * rs[0][method]['accuracy']:.1f} |")
+    for method in ("cot", "kava"):
+        q0, p0 = med[args.commit, method]
+        q1, p1 = med["this tree", method]
+        print(f"{method}: this tree / {args.commit}: questions/s {q1 / q0:.2f}x, forward passes/s {p1 / p0:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
