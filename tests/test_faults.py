@@ -25,20 +25,25 @@ def _weights(run):
 
 
 def test_nan_gradient_with_finite_loss_is_never_applied_nor_saved(tmp_path, monkeypatch):
-    original = torch.nn.utils.clip_grad_norm_
+    # Poison the gradients where training clips them (Accelerator.clip_grad_norm_): accelerate >= 1.16 no longer
+    # goes through torch.nn.utils.clip_grad_norm_, so patching that one silently stopped injecting anything.
+    from accelerate import Accelerator
+
+    original = Accelerator.clip_grad_norm_
     calls = {"n": 0}
 
-    def poisoned(parameters, *args, **kwargs):
+    def poisoned(self, parameters, *args, **kwargs):
         parameters = list(parameters)
         calls["n"] += 1
         if calls["n"] == 4:  # step 4: one gradient becomes NaN, every loss term stays finite
             parameters[0].grad.fill_(float("nan"))
-        return original(parameters, *args, **kwargs)
+        return original(self, parameters, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", poisoned)
     cfg = small_cfg(steps=6)  # save_every=3
     with pytest.raises(NonFiniteLoss, match="step 4: gradient norm"):
         train(cfg, tmp_path / "r", **quiet)
+    assert calls["n"] == 4  # the poison was injected, at step 4
     assert json.loads((checkpoint_path(tmp_path / "r") / "step.json").read_text())["step"] == 3
     assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "r").values())
 
