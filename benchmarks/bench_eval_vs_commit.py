@@ -16,15 +16,10 @@ forward passes per question and their rate: passes/s compares the decoding machi
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from against_commit import ROOT, commit_worktree, run_child  # benchmarks/ is the script folder
 
 CHILD = r"""
 import json, sys, time
@@ -55,12 +50,7 @@ print(json.dumps(out))
 
 
 def run_side(src: Path, model: Path, n: int, threads: int, cache: Path) -> dict:
-    env = dict(os.environ, KAVA_LAB_CACHE=str(cache), OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-c", CHILD, str(src), str(model), str(n), str(threads)],
-                          capture_output=True, text=True, env=env, cwd=src)
-    if done.returncode:
-        raise RuntimeError(f"evaluation at {src} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, src, [str(model), str(n), str(threads)], threads, cache, "evaluation")
 
 
 def main(argv=None):
@@ -74,18 +64,12 @@ def main(argv=None):
     if not (args.model / "config.json").exists():
         ap.error(f"--model {args.model}: expected a model folder with config.json (e.g. "
                  "~/.cache/kava_lab/stage0-<hash>/model, written by any training run's stage 0)")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        base = tmp / "base"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base), args.commit], check=True)
-        try:
-            sides = {args.commit: base, "this tree": ROOT}
-            rows = {k: [] for k in sides}
-            for _ in range(args.rounds):
-                for name, src in sides.items():
-                    rows[name].append(run_side(src, args.model.resolve(), args.n, args.threads, tmp / f"c-{len(name)}"))
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+    with commit_worktree(args.commit) as (base, tmp):
+        sides = {args.commit: base, "this tree": ROOT}
+        rows = {k: [] for k in sides}
+        for _ in range(args.rounds):
+            for i, (name, src) in enumerate(sides.items()):
+                rows[name].append(run_side(src, args.model.resolve(), args.n, args.threads, tmp / f"cache-{i}"))
     print(f"evaluate() on {args.n} test problems, batch 64, {args.threads} thread(s), {args.rounds} rounds "
           f"(median), model {args.model}")
     print("| side | method | questions/s | forward passes / question | passes/s | accuracy |")

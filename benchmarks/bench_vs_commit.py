@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from against_commit import ROOT, commit_worktree, run_child  # benchmarks/ is the script folder
 
 CHILD = r"""
 import json, os, sys, tempfile
@@ -46,12 +42,7 @@ print(json.dumps([{k: r[k] for k in ("step", "tokens_per_s", "step_time_s")} for
 
 
 def run_side(src: Path, steps: int, threads: int, overrides: list[str], cache: Path) -> list[dict]:
-    env = dict(os.environ, KAVA_LAB_CACHE=str(cache), OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-c", CHILD, str(src), str(steps), str(threads), json.dumps(overrides)],
-                          capture_output=True, text=True, env=env, cwd=src)
-    if done.returncode:
-        raise RuntimeError(f"training at {src} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, src, [str(steps), str(threads), json.dumps(overrides)], threads, cache, "training")
 
 
 def main(argv=None):
@@ -68,19 +59,13 @@ def main(argv=None):
     for v in args.variant:
         name, _, sets = v.partition("=")
         variants[name] = [s for s in sets.split(",") if s]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        base = tmp / "base"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base), args.commit], check=True)
-        try:
-            sides = {f"{args.commit}": (base, [])} | {k: (ROOT, v) for k, v in variants.items()}
-            rows = {k: [] for k in sides}
-            for _ in range(args.rounds):
-                for name, (src, overrides) in sides.items():
-                    metrics = run_side(src, args.steps, args.threads, overrides, tmp / f"cache-{abs(hash(name))}")
-                    rows[name] += metrics[args.skip:]
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
+    with commit_worktree(args.commit) as (base, tmp):
+        sides = {f"{args.commit}": (base, [])} | {k: (ROOT, v) for k, v in variants.items()}
+        rows = {k: [] for k in sides}
+        for _ in range(args.rounds):
+            for i, (name, (src, overrides)) in enumerate(sides.items()):
+                metrics = run_side(src, args.steps, args.threads, overrides, tmp / f"cache-{i}")
+                rows[name] += metrics[args.skip:]
     print(f"tiny preset KaVa training, {args.steps} steps x {args.rounds} rounds per side (medians after step "
           f"{args.skip}), {args.threads} threads")
     base_tps = statistics.median(r["tokens_per_s"] for r in rows[args.commit])

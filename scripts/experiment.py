@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run_config(args: argparse.Namespace):
+    """The run's config and the overrides that made it (``--task`` first): (RunConfig, list[str])."""
+    overrides = ([f"data.train={args.task}", f"data.eval={args.task}"] if args.task else []) + list(args.overrides)
+    return apply_overrides(get_preset("tiny", args.method, trace=args.trace, seed=args.seed), overrides), overrides
+
+
 def main(argv=None) -> dict:
     from kava_lab.runs import build_student
     from kava_lab.train import train
@@ -91,10 +97,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = list(args.overrides)
-    if args.task:
-        overrides = [f"data.train={args.task}", f"data.eval={args.task}"] + overrides
-    cfg = apply_overrides(get_preset("tiny", args.method, trace=args.trace, seed=args.seed), overrides)
+    cfg, overrides = run_config(args)
     run_dir = Path(args.runs) / args.name
     record_path = Path(args.results) / f"{args.name}.json"
     record_path.parent.mkdir(parents=True, exist_ok=True)

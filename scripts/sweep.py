@@ -48,9 +48,9 @@ class Line:
 
 def read_plan(path: Path) -> list[Line]:
     """Parse and check every line of a plan; raises PlanError naming the file and line of the first bad one."""
-    from experiment import build_parser  # scripts/experiment.py
+    from experiment import build_parser, run_config  # scripts/experiment.py
 
-    from kava_lab.config import apply_overrides, get_preset
+    from kava_lab.config import apply_overrides
 
     parser = build_parser()
     parser.exit_on_error = False
@@ -75,10 +75,8 @@ def read_plan(path: Path) -> list[Line]:
         if args.name in names:
             raise PlanError(f"{where}: run name {args.name!r} already used on line {names[args.name]}")
         names[args.name] = number
-        overrides = ([f"data.train={args.task}", f"data.eval={args.task}"] if args.task else []) + args.overrides
         try:
-            apply_overrides(get_preset("tiny", args.method, trace=args.trace, seed=args.seed), overrides)
-            apply_overrides(get_preset("tiny", args.method), args.eval_overrides)
+            apply_overrides(run_config(args)[0], args.eval_overrides)
         except (ValueError, KeyError, TypeError) as err:
             raise PlanError(f"{where}: {err}") from None
         lines.append(Line(number, args.name, tuple(argv), ("val", "test") if args.test else ("val",)))
