@@ -80,7 +80,45 @@ def test_step_spec_val_split_and_alternating_ops():
         ops = [re.match(r"<<\d+([-+*/])", s).group(1) for s in e.steps]
         assert all((o in "+-") == (i % 2 == 0) for i, o in enumerate(ops)), (e.steps, ops)
         assert all(1 <= v <= 60 and v == int(v) for v in e.step_values)
-    assert OPS == ("any", "alternate")
+    assert OPS == ("any", "alternate", "shuffled")
+
+
+def test_shuffled_chain_states_facts_out_of_order_and_cot_walks_the_chain():
+    import re
+
+    from kava_lab.synthetic import NAMES, parse_spec, parse_step
+
+    assert parse_spec("synthetic:4-7:shuffled") == (4, 7, "shuffled")
+    with pytest.raises(ValueError, match="at most 11 steps"):
+        parse_spec("synthetic:4-12:shuffled")
+    with pytest.raises(ValueError, match="at most 11 steps"):
+        make_synthetic(3, min_steps=2, max_steps=12, ops="shuffled")
+    nl = make_synthetic(200, "train", trace="nl", min_steps=4, max_steps=7, ops="shuffled")
+    eq = make_synthetic(200, "train", trace="equation", min_steps=4, max_steps=7, ops="shuffled")
+    assert [e.question for e in nl] == [e.question for e in eq]
+    in_order = 0
+    for e, q in zip(nl, eq):
+        facts = re.findall(r"(\w+) has (?:(\d+) \w+|as many \w+ as (\w+) ([-+*/]) (\d+))\.", e.question)
+        assert len(facts) == len(e.steps) + 1, e.question
+        defined = {who: (int(v) if v else None, src, op, int(b) if b else None) for who, v, src, op, b in facts}
+        assert len(defined) == len(facts) and set(defined) <= {n for n, _, _ in NAMES}
+        target = re.search(r"How many \w+ does (\w+) have now\?$", e.question).group(1)
+        chain = [target]  # walk back from the asked person to the one whose count is given
+        while defined[chain[-1]][0] is None:
+            chain.append(defined[chain[-1]][1])
+        assert len(chain) == len(facts), "every fact lies on the asked person's chain"
+        value = defined[chain[-1]][0]
+        for who, step_nl, step_eq, r in zip(reversed(chain[:-1]), e.steps, q.steps, e.step_values):
+            _, src, op, b = defined[who]
+            value = {"+": value + b, "-": value - b, "*": value * b, "/": value // b}[op]
+            assert step_nl.startswith(f"{who} has ") and parse_step(step_nl) == parse_step(step_eq)
+            assert parse_step(step_eq)[1:] == (op, float(b), float(value)) and r == value
+        assert 1 <= min(e.step_values) and max(e.step_values) <= 60 and e.answer == str(int(value))
+        ops = [parse_step(s)[1] for s in q.steps]
+        assert all((o in "+-") == (i % 2 == 0) for i, o in enumerate(ops)), ops
+        order = [re.match(r"(\w+) has", f).group(1) for f in re.findall(r"\w+ has [^.]*\.", e.question)]
+        in_order += order == list(reversed(chain))
+    assert in_order < 5, "facts are shuffled, not stated in the chain's order"
 
 
 def test_generator_output_is_pinned_to_its_version():
