@@ -216,6 +216,22 @@ def stage0_dir(cfg: RunConfig) -> Path:
     return cache_dir() / f"stage0-{config_hash(key, 12)}"
 
 
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """The first 12 hex digits of the sha256 over a saved model's ``*.safetensors`` files (None when there are
+    none): which build of a model a result came from. A cached stage 0 rebuilt on another machine is not the
+    same model (the tiny stage 0 scored 92.0% CoT on one build and 78.3% on a rebuild, same code and config),
+    so results to be compared must share a fingerprint, not just a cache key."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Train (or reuse, or resume) the cached stage-0 backbone; returns the saved model folder."""
     folder = stage0_dir(cfg)

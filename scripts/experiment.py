@@ -103,11 +103,16 @@ def main(argv=None) -> dict:
     record_path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
 
+    from kava_lab.runs import stage0_dir
+
+    args.stage0_model = stage0_dir(cfg) / "model" if cfg.stage0_steps else None  # this run's starting point
     if args.existing == "stage0":
-        from kava_lab.runs import ensure_stage0, stage0_dir
+        from kava_lab.runs import ensure_stage0
 
         ensure_stage0(cfg)
         args.existing = str(stage0_dir(cfg) / "run")
+    elif args.existing:
+        args.stage0_model = None  # an arbitrary run folder: its starting point is not known here
     if args.existing:  # re-evaluate (e.g. with --eval-set); keep what the earlier record says of the training
         run_dir = Path(args.existing)
         if previous.get("run_dir") in (None, str(run_dir)) and previous.get("overrides") is not None and \
@@ -144,7 +149,7 @@ def main(argv=None) -> dict:
 
 def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: list[str],
            train_minutes: float | None, stage0_minutes: float, curve: list[dict]) -> dict:
-    from kava_lab.runs import load_run, read_metrics, stage0_dir
+    from kava_lab.runs import load_run, read_metrics, stage0_dir, weights_fingerprint
 
     student, backbone, cfg = load_run(run_dir)
     if cfg.data.trace == "both":  # stage 0 trains on both trace styles: evaluate the requested one
@@ -165,6 +170,8 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
         "name": args.name, "why": args.why or previous.get("why", ""), "method": cfg.method,
         "trace": cfg.data.trace, "seed": cfg.seed, "task": cfg.data.train, "overrides": overrides,
         "steps": cfg.optim.steps, "stage0_steps": cfg.stage0_steps, "stage0_dir": None if args.existing else stage0_dir(cfg).name,
+        # the stage-0 build this run started from (or is): rebuilds differ, so comparisons must share it
+        "stage0_sha": weights_fingerprint(args.stage0_model) if getattr(args, "stage0_model", None) else None,
         "train_minutes": round(train_minutes, 2), "stage0_minutes_this_call": round(stage0_minutes, 2),
         "run_dir": str(run_dir) if args.existing else previous.get("run_dir"),
         "eval_overrides": list(args.eval_overrides), "max_new_tokens": cfg.max_new_tokens,

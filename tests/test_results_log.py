@@ -32,7 +32,7 @@ def test_log_table_shows_each_intervention_the_counterfactual_rate_and_the_oracl
                   "shuffle-slots": summary(0.4), "target": summary(0.9)}}}}
     row = rr.log_table([record]).splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["r1", "kava", "nl", "0", "synthetic:5-8", "optim.steps=8", "1.5", "50.0", "20.0", "10.0",
+    assert cells == ["r1", "kava", "nl", "0", "synthetic:5-8", "optim.steps=8", "?", "1.5", "50.0", "20.0", "10.0",
                      "30.0", "40.0", "25.0", "90.0", "a/b"]
     old = dict(record, evals={"val": {"plain": summary(0.5)}})  # a No-CoT-like record: no interventions
     assert rr.log_table([old]).splitlines()[-1].count("–") == 6
@@ -70,3 +70,32 @@ def test_target_oracle_script_reports_each_compressor_and_slot_count(tmp_path, m
 
     with pytest.raises(SystemExit, match="compressor:M"):
         module.main(["--task", "synthetic:2-3", "--set", "stage0_steps=0", "--grid", "rkv"])
+
+
+def test_tables_name_the_stage0_build_and_show_when_seeds_mix_builds():
+    """Rebuilds of a cached stage 0 differ, so a row averaging runs of two builds must say so."""
+    rr = _render_module()
+    summary = {"accuracy": 0.5, "n": 10, "forward_passes": 7.0, "accuracy_by_steps": {"3": 0.5}}
+    base = {"method": "kava", "trace": "nl", "task": "synthetic", "overrides": ["optim.steps=8"],
+            "train_minutes": 1.0, "date": "2026-12-01", "evals": {"val": {"plain": summary}}}
+    runs = [dict(base, name="a", seed=0, stage0_sha="1edaedf62bee"),
+            dict(base, name="b", seed=1, stage0_sha="1edaedf62bee"),
+            dict(base, name="c", seed=2, stage0_sha=None, stage0_build="s8: not kept")]
+    row = rr.main_table(runs, "val").splitlines()[-1]
+    assert "| 2× 1edaedf62bee + 1× s8 |" in row
+    assert "| 1edaedf62bee |" in rr.main_table(runs[:2], "val").splitlines()[-1]
+    assert rr.log_table(runs, "val").splitlines()[-1].split("|")[7].strip() == "s8"
+
+
+def test_weights_fingerprint_tells_builds_apart(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from kava_lab.runs import weights_fingerprint
+
+    assert weights_fingerprint(tmp_path) is None
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    first = weights_fingerprint(tmp_path)
+    assert len(first) == 12 and weights_fingerprint(tmp_path) == first
+    save_file({"w": torch.tensor([0.0, 0.0, 1e-7])}, str(tmp_path / "model.safetensors"))
+    assert weights_fingerprint(tmp_path) != first
