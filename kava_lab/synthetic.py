@@ -71,7 +71,8 @@ def _split_of(question: str) -> str:
 # Bumped whenever the generator's output changes, so cached artefacts built from it are rebuilt.
 # v4: three-way split (train / val / test) and the step-count spec.
 # v5: "shuffled" equation traces name the person each step computes ("<<Zoe: 16+7=23>>"); other tasks unchanged.
-VERSION = 5
+# v6: ... with the name as the question's token ("<< Zoe: 16+7=23>>"); other tasks unchanged.
+VERSION = 6
 MAX_VALUE = 60  # every intermediate stays in [1, MAX_VALUE] and operands are single digits, so a
 # 1M-parameter model trained for minutes can learn the arithmetic (values up to 120 with two-digit
 # operands gave 7.7% CoT accuracy after 1,200 steps; up to 999 gave 3.3%)
@@ -130,8 +131,10 @@ def _shuffled_problem(rng: random.Random, n_steps: int) -> tuple[str, list[str],
         op, b, r = _next_step(rng, v, kind)
         facts.append(f"{people[i + 1]} has as many {item} as {people[i]} {op} {b}.")
         nl_steps.append(f"{people[i + 1]} has {v} {op} {b} = {r} {item}.")
-        eq_steps.append(f"<<{people[i + 1]}: {v}{op}{b}={r}>>")  # named: a bare "<<5+9=14>>" trace hides
-        values.append(r)  # whose count it is, so each step would need the whole chain re-walked (v4: CoT 16%)
+        # named, and the name is the question's own token (" Zoe", not "Zoe" glued to "<<"): a bare "<<5+9=14>>"
+        # hides whose count it is (v4: CoT 16.3%), and a glued name is another token the model cannot copy (v5: 15.7%)
+        eq_steps.append(f"<< {people[i + 1]}: {v}{op}{b}={r}>>")
+        values.append(r)
         v = r
     rng.shuffle(facts)
     question = " ".join(facts) + f" How many {item} does {people[-1]} have now?"
