@@ -72,8 +72,8 @@ def test_target_oracle_script_reports_each_compressor_and_slot_count(tmp_path, m
         module.main(["--task", "synthetic:2-3", "--set", "stage0_steps=0", "--grid", "rkv"])
 
 
-def test_tables_name_the_stage0_build_and_show_when_seeds_mix_builds():
-    """Rebuilds of a cached stage 0 differ, so a row averaging runs of two builds must say so."""
+def test_tables_name_the_stage0_build_and_never_average_two_builds():
+    """Rebuilds of a cached stage 0 differ, so runs of two builds are two rows, each naming its build."""
     rr = _render_module()
     summary = {"accuracy": 0.5, "n": 10, "forward_passes": 7.0, "accuracy_by_steps": {"3": 0.5}}
     base = {"method": "kava", "trace": "nl", "task": "synthetic", "overrides": ["optim.steps=8"],
@@ -81,9 +81,11 @@ def test_tables_name_the_stage0_build_and_show_when_seeds_mix_builds():
     runs = [dict(base, name="a", seed=0, stage0_sha="1edaedf62bee"),
             dict(base, name="b", seed=1, stage0_sha="1edaedf62bee"),
             dict(base, name="c", seed=2, stage0_sha=None, stage0_build="s8: not kept")]
-    row = rr.main_table(runs, "val").splitlines()[-1]
-    assert "| 2× 1edaedf62bee + 1× s8 |" in row
-    assert "| 1edaedf62bee |" in rr.main_table(runs[:2], "val").splitlines()[-1]
+    runs.append(dict(base, name="d", seed=0, stage0_sha=None, stage0_build="s8: not kept",
+                     evals={"val": {"plain": dict(summary, accuracy=0.9)}}))
+    rows = rr.main_table(runs, "val").splitlines()[2:]
+    assert [(r.split("|")[5].strip(), r.split("|")[6].strip(), r.split("|")[7].strip()) for r in rows] == \
+        [("2", "1edaedf62bee", "50.0 ± 0.0"), ("2", "s8", "70.0 ± 28.3")]
     assert rr.log_table(runs, "val").splitlines()[-1].split("|")[7].strip() == "s8"
 
 
