@@ -15,7 +15,7 @@ intermediate values written down (CoT) or carried by latents.
 Second axis, the order of the facts (``OPS``): in ``"any"`` and ``"alternate"`` problems the question states the
 steps in the order they apply, so a model can fold them left to right over the question's own positions
 (No-CoT reached 84% on 5-8 alternating steps). ``"shuffled"`` states a chain of people, each defined from
-another ("Tom * 3 gives Anna."), in a random order: the answer needs one lookup per step
+another ("Tom gives Anna * 3."), in a random order: the answer needs one lookup per step
 (find who the current person is defined from), a serial depth that one pass of a shallow model cannot buy
 by reading left to right. Its CoT walks the chain in order, one person per step.
 """
@@ -73,7 +73,8 @@ def _split_of(question: str) -> str:
 # v5: "shuffled" equation traces name the person each step computes ("<<Zoe: 16+7=23>>"); other tasks unchanged.
 # v6: ... with the name as the question's token ("<< Zoe: 16+7=23>>"); other tasks unchanged.
 # v7: "shuffled" facts name the source first ("Ben + 3 gives Anna.") and each CoT step copies its fact.
-VERSION = 7
+# v8: ... the target right after the source ("Ben gives Anna + 3.").
+VERSION = 8
 MAX_VALUE = 60  # every intermediate stays in [1, MAX_VALUE] and operands are single digits, so a
 # 1M-parameter model trained for minutes can learn the arithmetic (values up to 120 with two-digit
 # operands gave 7.7% CoT accuracy after 1,200 steps; up to 999 gave 3.3%)
@@ -130,11 +131,13 @@ def _shuffled_problem(rng: random.Random, n_steps: int) -> tuple[str, list[str],
         if kind == "multiplicative" and not _scalable(v):
             kind = "any"
         op, b, r = _next_step(rng, v, kind)
-        # source first ("Ben + 3 gives Anna."), and each CoT step opens by copying its fact verbatim: the step's
-        # lookup is then one induction copy (find the fact that starts with the person just computed, continue
-        # it). Target-first facts ("Anna has as many apples as Ben + 3.", v4-v6) put the name to write before
-        # the matched one, and stage 0 never learned the walk (CoT 16-17% val at 2,000 steps, v4-v6).
-        fact = f"{people[i]} {op} {b} gives {people[i + 1]}"
+        # source first, target next to it ("Ben gives Anna + 3."), and each CoT step opens by copying its fact
+        # verbatim: the step's lookup is then a short induction copy (find the fact that starts with the person
+        # just computed, continue it). Target-first facts ("Anna has as many apples as Ben + 3.", v4-v6) put the
+        # name to write before the matched one (CoT 16-17% val at 2,000 stage-0 steps); v7's "Ben + 3 gives
+        # Anna." put it five tokens after: at 5,000 steps source, operator and operand were copied, the target
+        # mostly not (18.3% val).
+        fact = f"{people[i]} gives {people[i + 1]} {op} {b}"
         facts.append(f"{fact}.")
         nl_steps.append(f"{fact}, and {people[i + 1]} has {v} {op} {b} = {r} {item}.")
         eq_steps.append(f"<< {fact}: {v}{op}{b}={r}>>")
