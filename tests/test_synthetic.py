@@ -101,14 +101,14 @@ def test_shuffled_chain_states_facts_out_of_order_and_cot_walks_the_chain():
         roots = re.findall(r"(\w+) has (\d+) \w+\.", e.question)
         links = re.findall(r"(\w+) gives (\w+) ([-+*/]) (\d+)\.", e.question)
         assert len(roots) == 1 and len(roots) + len(links) == len(e.steps) + 1, e.question
-        facts = [(who, v, None, None, None) for who, v in roots] + [(who, None, src, op, b) for src, who, op, b in links]
-        defined = {who: (int(v) if v else None, src, op, int(b) if b else None) for who, v, src, op, b in facts}
-        assert len(defined) == len(facts) and set(defined) <= {n for n, _, _ in NAMES}
+        defined = {who: (int(v), None, None, None) for who, v in roots} | \
+            {who: (None, src, op, int(b)) for src, who, op, b in links}
+        assert len(defined) == len(roots) + len(links) and set(defined) <= {n for n, _, _ in NAMES}
         target = re.search(r"How many \w+ does (\w+) have now\?$", e.question).group(1)
         chain = [target]  # walk back from the asked person to the one whose count is given
         while defined[chain[-1]][0] is None:
             chain.append(defined[chain[-1]][1])
-        assert len(chain) == len(facts), "every fact lies on the asked person's chain"
+        assert len(chain) == len(defined), "every fact lies on the asked person's chain"
         value = defined[chain[-1]][0]
         for who, step_nl, step_eq, r in zip(reversed(chain[:-1]), e.steps, q.steps, e.step_values):
             _, src, op, b = defined[who]
