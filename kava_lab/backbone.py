@@ -145,7 +145,12 @@ def build_tiny(folder: str | Path, tiny: TinyConfig = TinyConfig(), family: str 
         torch.manual_seed(tiny.seed)
         model = AutoModelForCausalLM.from_config(config)
     folder.mkdir(parents=True, exist_ok=True)
+    # Once torch.distributed is up, transformers writes nothing from save_pretrained on any rank but 0; the tiny
+    # model is built by whichever process holds the lock first (_resolve), so that process must write it.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(folder)
+    if not (folder / "config.json").exists():
+        raise RuntimeError(f"save_pretrained wrote no config.json into {folder} (a distributed rank other than 0?)")
     tokenizer.save_pretrained(folder)
     (folder / "tiny_config.json").write_text(json.dumps(asdict(tiny), indent=2))
     return folder

@@ -72,3 +72,36 @@ def test_two_cpu_processes_match_one_process(tmp_path, launcher):
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+RACE = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+dist.init_process_group("gloo")
+if dist.get_rank() == 0:
+    time.sleep(1.0)  # rank 1 takes the build lock first: the rank whose save_pretrained transformers skips
+from kava_lab.backbone import load_backbone
+backbone = load_backbone("tiny")
+dist.barrier()
+print("rank", dist.get_rank(), "loaded", backbone.model.config.model_type, flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_tiny_backbone_built_by_a_nonzero_rank_is_complete(tmp_path):
+    """With torch.distributed up, transformers' save_pretrained writes nothing on ranks other than 0. A fresh cache
+    whose tiny model was built by rank 1 used to hold only the tokenizer; rank 0 then rebuilt it underneath rank 1,
+    which failed to load ("Unrecognized model ... should have a model_type key")."""
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "KAVA_LAB_CACHE": str(tmp_path / "cache")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), root],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("loaded llama") == 2
+    (folder,) = (tmp_path / "cache").glob("tiny-*")
+    assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
