@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,11 +28,23 @@ def commit_worktree(commit: str):
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False)
 
 
-def run_child(code: str, src: Path, args: list[str], threads: int, cache: Path, what: str):
-    """Run ``code`` with ``python -c`` from tree ``src`` (argv[1] is ``src``); returns its last stdout line, parsed."""
+def run_child(code: str, src: Path, args: list[str], threads: int, cache: Path, what: str, procs: int = 1):
+    """Run ``code`` from tree ``src`` (argv[1] is ``src``) with ``threads`` threads per process; returns its last
+    stdout line, parsed. ``procs > 1``: under torchrun, ``procs`` processes (gloo on CPU); rank 0 prints."""
     env = dict(os.environ, KAVA_LAB_CACHE=str(cache), OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-c", code, str(src), *args], capture_output=True, text=True, env=env,
-                          cwd=src)
+    if procs > 1:
+        cache.mkdir(parents=True, exist_ok=True)
+        script = cache / "child.py"
+        script.write_text(code)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(procs),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)]
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        cmd = [sys.executable, "-c", code]
+    done = subprocess.run([*cmd, str(src), *args], capture_output=True, text=True, env=env, cwd=src)
     if done.returncode:
         raise RuntimeError(f"{what} at {src} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -5,7 +5,9 @@
 
 Each side trains the tiny preset's KaVa run (random tiny backbone, no stage 0, NL traces) for ``--steps``
 optimizer steps in its own process and its own cache folder: the earlier commit from a temporary ``git worktree``,
-this tree with the ``--set`` overrides (several ``--set`` groups: ``--variant NAME=KEY=VALUE,KEY=VALUE``). The
+this tree with the ``--set`` overrides (several ``--set`` groups: ``--variant NAME=KEY=VALUE,KEY=VALUE``; the
+pseudo-key ``procs=N`` trains data-parallel in N processes under torchrun, gloo, at the same effective batch and
+``--threads / N`` threads each, so every side uses the same cores). The
 figure is what ``train()`` itself logs, tokens/s (real tokens, padding excluded) and step time, as medians over
 the steps after the first ``--skip`` (warm-up, compilation). Rounds alternate the sides (``--rounds``), so a
 change in machine load hits each alike. The two commits may generate different synthetic problems (the
@@ -22,10 +24,11 @@ from pathlib import Path
 from against_commit import ROOT, commit_worktree, run_child  # benchmarks/ is the script folder
 
 CHILD = r"""
-import json, os, sys, tempfile
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(int(sys.argv[3]))
+world = int(os.environ.get("WORLD_SIZE", "1"))
 from kava_lab.config import get_preset
 from kava_lab.train import train, read_metrics
 overrides = json.loads(sys.argv[4])
@@ -34,15 +37,23 @@ if overrides:
     from kava_lab.config import apply_overrides
     cfg = apply_overrides(cfg, overrides)
 import dataclasses
+if world > 1:  # the same effective batch, split over the processes
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=cfg.optim.effective_batch // world))
 cfg = dataclasses.replace(cfg, stage0_steps=0, save_every=10**9, log_every=1)
-out = tempfile.mkdtemp()
+out = sys.argv[5]
 train(cfg, out, log=lambda s: None)
-print(json.dumps([{k: r[k] for k in ("step", "tokens_per_s", "step_time_s")} for r in read_metrics(out)]))
+if int(os.environ.get("RANK", "0")) == 0:
+    print(json.dumps([{k: r[k] for k in ("step", "tokens_per_s", "step_time_s")} for r in read_metrics(out)]))
 """
 
 
-def run_side(src: Path, steps: int, threads: int, overrides: list[str], cache: Path) -> list[dict]:
-    return run_child(CHILD, src, [str(steps), str(threads), json.dumps(overrides)], threads, cache, "training")
+def run_side(src: Path, steps: int, threads: int, overrides: list[str], cache: Path, out: Path) -> list[dict]:
+    procs = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("procs=")]
+    procs = procs[-1] if procs else 1
+    overrides = [o for o in overrides if not o.startswith("procs=")]
+    per_proc = max(1, threads // procs)
+    return run_child(CHILD, src, [str(steps), str(per_proc), json.dumps(overrides), str(out)], per_proc, cache,
+                     "training", procs=procs)
 
 
 def main(argv=None):
@@ -62,9 +73,9 @@ def main(argv=None):
     with commit_worktree(args.commit) as (base, tmp):
         sides = {f"{args.commit}": (base, [])} | {k: (ROOT, v) for k, v in variants.items()}
         rows = {k: [] for k in sides}
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for i, (name, (src, overrides)) in enumerate(sides.items()):
-                metrics = run_side(src, args.steps, args.threads, overrides, tmp / f"cache-{i}")
+                metrics = run_side(src, args.steps, args.threads, overrides, tmp / f"cache-{i}", tmp / f"run-{i}-{r}")
                 rows[name] += metrics[args.skip:]
     print(f"tiny preset KaVa training, {args.steps} steps x {args.rounds} rounds per side (medians after step "
           f"{args.skip}), {args.threads} threads")

@@ -205,7 +205,9 @@ def stage0_dir(cfg: RunConfig) -> Path:
     from .config import non_default
 
     s0 = stage0_config(cfg)
-    s0 = replace(s0, optim=replace(s0.optim, compile=False))  # the same weights with or without compilation
+    # The same weights with or without compilation, and for any split of the effective batch into processes or
+    # micro-batches (a layout, not the maths): a 2-process run finds the 1-process run's stage 0.
+    s0 = replace(s0, optim=replace(s0.optim, compile=False, batch_size=s0.optim.effective_batch))
     # Only fields that differ from their defaults: adding a defaulted config field keeps every cache key.
     key = {k: v for k, v in non_default(s0).items() if k not in ("method", "preset", "log_every", "save_every",
                                                                   "max_new_tokens")}
@@ -241,6 +243,10 @@ def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print, progress: 
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
         if (model_dir / "config.json").exists():
             return model_dir
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would wait here for the one training it
+            raise RuntimeError(f"stage 0 for this config is not built yet ({folder}); build it in one process first "
+                               "(e.g. run the same command without torchrun/accelerate launch, or "
+                               "scripts/experiment.py --procs N, which does), then launch the processes")
         from .train import train  # training proper lives in train.py
 
         s0 = stage0_config(cfg)

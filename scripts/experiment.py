@@ -10,12 +10,18 @@ README reports. The run folder goes to ``runs/exp/NAME`` (not committed); the sm
 curve (``--eval-every``), and for each split the plain accuracy, accuracy by number of steps and every
 intervention's accuracy (latent methods). ``scripts/render_results.py`` renders the README tables from it.
 Re-running a finished NAME only re-evaluates (training resumes from its checkpoint, already complete).
+
+``--procs N`` trains data-parallel in N processes of ``--threads`` threads each (torchrun, gloo on CPU) at the
+same effective batch: the per-process batch becomes ``optim.effective_batch / N``, so the maths is one process's.
+On the 2-core machine two 1-thread processes beat one 2-thread process (benchmarks/bench_vs_commit.py). The
+stage 0 is built first, in this process; rank 0 evaluates (curve and record) while the other ranks wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -72,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--test", action="store_true", help="also evaluate on the held-out test split")
     ap.add_argument("--val-limit", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (a curve)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (per process)")
+    ap.add_argument("--procs", type=int, default=1, help="data-parallel training processes (torchrun, gloo on CPU)")
     ap.add_argument("--eval-set", dest="eval_overrides", action="append", default=[],
                     help="override applied at evaluation only, e.g. max_new_tokens=160")
     ap.add_argument("--existing", default=None, help="record an already trained run folder instead of "
@@ -86,18 +93,50 @@ def build_parser() -> argparse.ArgumentParser:
 def run_config(args: argparse.Namespace):
     """The run's config and the overrides that made it (``--task`` first): (RunConfig, list[str])."""
     overrides = ([f"data.train={args.task}", f"data.eval={args.task}"] if args.task else []) + list(args.overrides)
-    return apply_overrides(get_preset("tiny", args.method, trace=args.trace, seed=args.seed), overrides), overrides
+    cfg = apply_overrides(get_preset("tiny", args.method, trace=args.trace, seed=args.seed), overrides)
+    if args.procs > 1:  # the same effective batch, split over the processes (a layout, not a new recipe)
+        if cfg.optim.effective_batch % args.procs:
+            raise ValueError(f"--procs {args.procs} does not divide optim.effective_batch={cfg.optim.effective_batch}")
+        cfg = apply_overrides(cfg, [f"optim.batch_size={cfg.optim.effective_batch // args.procs}"])
+    return cfg, overrides
+
+
+def launch_processes(args, argv: list[str], cfg) -> dict:
+    """Re-run this command under torchrun with ``args.procs`` processes; returns the record rank 0 wrote."""
+    import socket
+
+    from kava_lab.runs import ensure_stage0
+
+    if args.existing:
+        raise ValueError("--procs trains; --existing only evaluates: drop one of them")
+    if cfg.stage0_steps:
+        ensure_stage0(cfg)  # here, once: ranks building it side by side would deadlock on its lock
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = args.threads or 1
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.procs),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, *argv]
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True)
+    return json.loads((Path(args.results) / f"{args.name}.json").read_text())
 
 
 def main(argv=None) -> dict:
     from kava_lab.runs import build_student
     from kava_lab.train import train
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.procs < 1:
+        raise ValueError(f"--procs must be at least 1, found {args.procs}")
 
     cfg, overrides = run_config(args)
+    rank = int(os.environ.get("RANK", "0"))
+    if args.procs > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_processes(args, argv, cfg)
     run_dir = Path(args.runs) / args.name
     record_path = Path(args.results) / f"{args.name}.json"
     record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +168,8 @@ def main(argv=None) -> dict:
                     if args.eval_every else None)
 
     def callback(record):
+        if rank != 0:
+            return  # one voice: rank 0 evaluates and prints while the other ranks wait at the next step
         if args.eval_every and record["step"] % args.eval_every == 0:
             acc = evaluate(student, backbone, cfg, val_examples, batch_size=64)["accuracy"]
             curve.append({"step": record["step"], "val_accuracy": acc})
@@ -142,6 +183,10 @@ def main(argv=None) -> dict:
     train(cfg, run_dir, resume=already, student_backbone=(student, backbone), callback=callback,
           log=lambda s: print(s, flush=True))
     train_minutes = (time.perf_counter() - t0) / 60
+    if rank != 0:
+        return {}
+    if args.procs > 1:
+        torch.set_num_threads((args.threads or 1) * args.procs)  # the other ranks are done: evaluate on their cores
     if already and previous.get("train_minutes"):
         train_minutes = previous["train_minutes"]  # re-evaluation only
     return record(args, run_dir, record_path, previous, overrides, train_minutes, stage0_minutes, curve)
@@ -175,7 +220,8 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
         "train_minutes": round(train_minutes, 2), "stage0_minutes_this_call": round(stage0_minutes, 2),
         "run_dir": str(run_dir) if args.existing else previous.get("run_dir"),
         "eval_overrides": list(args.eval_overrides), "max_new_tokens": cfg.max_new_tokens,
-        "eval_minutes": round((time.perf_counter() - t1) / 60, 2), "threads": torch.get_num_threads(),
+        "eval_minutes": round((time.perf_counter() - t1) / 60, 2), "threads": args.threads or torch.get_num_threads(),
+        "procs": args.procs,
         "median_step_s": sorted(r["step_time_s"] for r in metrics)[len(metrics) // 2] if metrics else None,
         "final_terms_last50": final_terms, "curve": curve, "evals": evals, "config": cfg.to_dict(),
         "commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

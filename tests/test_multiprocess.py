@@ -105,3 +105,23 @@ def test_tiny_backbone_built_by_a_nonzero_rank_is_complete(tmp_path):
     assert done.stdout.count("loaded llama") == 2
     (folder,) = (tmp_path / "cache").glob("tiny-*")
     assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_experiment_with_two_processes_records_one_run(tmp_path):
+    """scripts/experiment.py --procs 2: torchrun underneath, the effective batch split over the processes, one
+    record (rank 0) that says how it was trained."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "KAVA_LAB_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""}
+    common = [sys.executable, os.path.join(root, "scripts", "experiment.py"), "--runs", str(tmp_path / "runs"),
+              "--results", str(tmp_path / "results"), "--set", "stage0_steps=0", "--set", "optim.steps=2",
+              "--set", "max_new_tokens=4", "--set", "data.train_limit=64", "--val-limit", "4", "--threads", "1"]
+    done = subprocess.run([*common, "dp", "--procs", "2", "--eval-every", "2"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch 32 = 16 x 2 x 1" in done.stdout and done.stdout.count("val accuracy") == 2  # curve + record, once
+    record = json.loads((tmp_path / "results" / "dp.json").read_text())
+    assert record["procs"] == 2 and record["threads"] == 1 and record["config"]["optim"]["batch_size"] == 16
+    assert [c["step"] for c in record["curve"]] == [2] and "interventions" in record["evals"]["val"]
+    bad = subprocess.run([*common, "odd", "--procs", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--procs 3 does not divide optim.effective_batch=32" in bad.stderr
