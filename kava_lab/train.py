@@ -326,8 +326,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
                     sums[name] = sums.get(name, 0.0) + value.item() / accum
             if world > 1:  # log the mean over every process's micro-batches, as one process with accumulation does
                 names = sorted(sums)
-                reduced = accelerator.reduce(torch.tensor([sums[n] for n in names], device=accelerator.device), "mean")
-                sums = dict(zip(names, reduced.tolist()))
+                reduced = accelerator.reduce(torch.tensor([sums[n] for n in names] + [float(tokens)],
+                                                          device=accelerator.device), "mean").tolist()
+                sums = dict(zip(names, reduced[:-1]))
+                tokens = round(reduced[-1] * world)  # every process's real tokens, not rank 0's times world
             grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
             if not torch.isfinite(torch.as_tensor(grad_norm)).all():
                 optimizer.zero_grad(set_to_none=True)  # the update is never applied
@@ -339,7 +341,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
             dt = time.perf_counter() - t0
             record = {"step": completed, **sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       **({"curriculum_stage": cfg.curriculum.latent_steps(step)} if cfg.curriculum.stages else {}),
-                      "tokens_per_s": tokens * world / dt, "step_time_s": dt}
+                      "tokens_per_s": tokens / dt, "step_time_s": dt}
             if torch.cuda.is_available():
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if metrics_file is not None:

@@ -67,6 +67,8 @@ def test_two_cpu_processes_match_one_process(tmp_path, launcher):
     for ra, rb in zip(a, b):
         for term in ("loss", "teacher_ce", "student_ce", "kv", "codi", "grad_norm"):
             assert rb[term] == pytest.approx(ra[term], rel=1e-4, abs=1e-6), (ra["step"], term)
+        # tokens/s counts every process's tokens: the same examples per step, so the same tokens as one process
+        assert rb["tokens_per_s"] * rb["step_time_s"] == pytest.approx(ra["tokens_per_s"] * ra["step_time_s"], rel=1e-6)
     wa = load_file(str(one / "checkpoint" / "trainable.safetensors"))
     wb = load_file(str(two / "checkpoint" / "trainable.safetensors"))
     assert wa.keys() == wb.keys()
