@@ -12,7 +12,9 @@ interrupted sweep is resumed by running the same command: each run also resumes 
 
 Workers take lines in order. Runs that share a stage 0 wait on its lock while the first one builds it,
 so put one line per stage 0 first when that matters. On two CPU cores, two single-threaded workers beat one
-two-threaded run (README, *Training throughput*); on a GPU, several workers share the device.
+two-threaded run (README, *Training throughput*); on a GPU, several workers share the device. A line with
+``--procs N`` trains in N data-parallel processes of ``--threads`` each, so it needs N x threads cores of its own
+(``--workers 1`` on 2 cores); on the 2-core CPU it ran no faster than one 2-thread process.
 """
 
 from __future__ import annotations
