@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kava_lab.train import torchrun_command  # noqa: E402  (this tree's launcher, whichever tree a side runs)
 
 
 @contextmanager
@@ -36,12 +38,7 @@ def run_child(code: str, src: Path, args: list[str], threads: int, cache: Path, 
         cache.mkdir(parents=True, exist_ok=True)
         script = cache / "child.py"
         script.write_text(code)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(procs),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)]
-        env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [*torchrun_command(procs), str(script)]
     else:
         cmd = [sys.executable, "-c", code]
     done = subprocess.run([*cmd, str(src), *args], capture_output=True, text=True, env=env, cwd=src)

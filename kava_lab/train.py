@@ -23,6 +23,8 @@ import os
 import random
 import shutil
 import signal
+import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -381,6 +383,16 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
         if bar is not None:
             bar.close()
     return run_dir
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """The command that starts ``nproc`` processes on this machine (torchrun on a free local port); append the
+    script and its arguments. Each process finds its rank in the environment and ``train`` joins them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port)]
 
 
 class Terminated(BaseException):

@@ -103,22 +103,15 @@ def run_config(args: argparse.Namespace):
 
 def launch_processes(args, argv: list[str], cfg) -> dict:
     """Re-run this command under torchrun with ``args.procs`` processes; returns the record rank 0 wrote."""
-    import socket
-
     from kava_lab.runs import ensure_stage0
+    from kava_lab.train import torchrun_command
 
     if args.existing:
         raise ValueError("--procs trains; --existing only evaluates: drop one of them")
     if cfg.stage0_steps:
         ensure_stage0(cfg)  # here, once: ranks building it side by side would deadlock on its lock
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    threads = args.threads or 1
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.procs),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, *argv]
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
+    subprocess.run([*torchrun_command(args.procs), __file__, *argv], env=env, cwd=ROOT, check=True)
     return json.loads((Path(args.results) / f"{args.name}.json").read_text())
 
 

@@ -25,6 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kava_lab.train import torchrun_command
+
 ARGS = ["--preset", "tiny", "--method", "kava", "--steps", "3", "--set", "stage0_steps=0",
         "--set", "optim.batch_size=4", "--set", "optim.effective_batch=8", "--set", "data.train_limit=64",
         "--set", "log_every=1", "--set", "latent.M=4"]
@@ -100,9 +102,8 @@ def test_tiny_backbone_built_by_a_nonzero_rank_is_complete(tmp_path):
     script.write_text(RACE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "KAVA_LAB_CACHE": str(tmp_path / "cache")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), root],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*torchrun_command(2), str(script), root], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("loaded llama") == 2
     (folder,) = (tmp_path / "cache").glob("tiny-*")
