@@ -183,6 +183,8 @@ def evaluate_run(run_dir: str | Path, eval_source: str | None = None, split: str
     from .runs import load_run
 
     run_dir = Path(run_dir)
+    if device is None and torch.cuda.is_available():
+        device = "cuda"  # a GPU machine evaluates there (training's accelerate already moved it; loading does not)
     student, backbone, cfg = load_run(run_dir, device=device)
     own = eval_source is None and split is None  # the run's own eval set: eval.json; anything else: its own file
     source = eval_source or cfg.data.eval

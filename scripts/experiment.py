@@ -189,7 +189,7 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
            train_minutes: float | None, stage0_minutes: float, curve: list[dict]) -> dict:
     from kava_lab.runs import load_run, read_metrics, stage0_dir, weights_fingerprint
 
-    student, backbone, cfg = load_run(run_dir)
+    student, backbone, cfg = load_run(run_dir, device="cuda" if torch.cuda.is_available() else None)
     if cfg.data.trace == "both":  # stage 0 trains on both trace styles: evaluate the requested one
         cfg = replace(cfg, data=replace(cfg.data, trace=args.trace))
     cfg = apply_overrides(cfg, args.eval_overrides)
