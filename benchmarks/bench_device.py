@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kava_lab.backbone import TinyConfig, build_tiny  # noqa: E402
+from kava_lab.backbone import TinyConfig, build_tiny, load_backbone  # noqa: E402
 from kava_lab.config import DataConfig, apply_overrides, get_preset  # noqa: E402
 from kava_lab.runs import read_metrics  # noqa: E402
 from kava_lab.train import train  # noqa: E402
@@ -62,11 +62,9 @@ def build_large_shape(folder: Path, shape: TinyConfig, vocab: int) -> Path:
     return folder
 
 
-def working_params(folder: Path) -> int:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())  # tied weights are one parameter: counted once
+def working_params(spec: str) -> int:
+    """Parameters of the backbone ``spec`` (tied weights are one parameter: counted once)."""
+    return sum(p.numel() for p in load_backbone(spec).model.parameters())
 
 
 def time_run(cfg, work: Path, name: str, skip: int) -> dict:
@@ -118,12 +116,12 @@ def main(argv=None):
             folder = work / "smollm2-135m-shape"
             if not (folder / "config.json").exists():
                 build_large_shape(folder, shape, 4096 if args.quick else SMOLLM2_VOCAB)
-            n_params = working_params(folder)
+            n_params = working_params(str(folder))
             base = lambda m: replace(get_preset("smollm2-135m", m), backbone=str(folder), stage0_steps=0,  # noqa: E731
                                      data=DataConfig(train="synthetic", train_limit=4096, eval="synthetic",
                                                      trace="nl"))
         elif backbone == "tiny":
-            n_params = None
+            n_params = working_params("tiny")
             base = lambda m: apply_overrides(get_preset("tiny", m), ["stage0_steps=0", "data.train_limit=4096"])  # noqa: E731
         else:
             raise ValueError(f"unknown backbone {backbone!r}; expected smollm2-135m-shape or tiny")
@@ -132,12 +130,6 @@ def main(argv=None):
             cfg = replace(cfg, log_every=10**6, save_every=10**6,
                           optim=replace(cfg.optim, steps=steps, batch_size=args.batch, effective_batch=args.batch))
             fig = time_run(cfg, work, f"{backbone}-{method}", skip)
-            if n_params is None:
-                from transformers import AutoModelForCausalLM
-                from kava_lab.backbone import cache_dir
-
-                n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
-                    cache_dir() / f"tiny-{cfg.tiny.key()}").parameters())
             fig["params"] = n_params
             fig["lora"] = cfg.lora.enabled
             if peak:
