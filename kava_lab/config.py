@@ -54,6 +54,10 @@ class LossConfig:
     # step-level auxiliary loss (SIM-CoT-style, kava_lab.step_loss): each replaced CoT step decoded from one
     # latent alone; 0 = off (every preset)
     a_step: float = 0.0
+    # optimizer steps at the start during which the student's answer CE is computed and logged but left out of
+    # the loss: a warm-up in which only the teacher CE and the distillation terms (KV, CODI) train, so the
+    # latents learn their target before the answer learns to use (or bypass) them; 0 = off (every preset)
+    answer_after: int = 0
 
 
 @dataclass(frozen=True)

@@ -118,13 +118,17 @@ def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, norm: 
 
 def kava_objective(cfg: LossConfig, teacher_ce: torch.Tensor, student_ce: torch.Tensor | None = None,
                    codi: torch.Tensor | None = None, kv: torch.Tensor | None = None,
-                   step: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Combine the terms; returns every term separately (``loss`` is the total) for logging."""
+                   step: torch.Tensor | None = None, answer_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Combine the terms; returns every term separately (``loss`` is the total) for logging.
+
+    ``answer_weight`` scales the student's answer CE in the total (0 during a ``loss.answer_after`` warm-up:
+    the term is still returned, for the log)."""
     terms = {"teacher_ce": teacher_ce}
     total = cfg.teacher_weight * teacher_ce
     if student_ce is not None:
         terms["student_ce"] = student_ce
-        total = total + student_ce
+        if answer_weight:
+            total = total + answer_weight * student_ce
     if codi is not None:
         terms["codi"] = codi
         total = total + cfg.a1 * codi

@@ -97,8 +97,12 @@ class KaVaObjective(nn.Module):
         self.student = student
         self.cfg = cfg
         self.compressor = make_compressor(cfg) if cfg.loss.a2 > 0 else None
+        if cfg.loss.answer_after < 0 or (cfg.loss.answer_after and not cfg.uses_latents):
+            raise ValueError(f"loss.answer_after must be >= 0 and needs a latent method, found "
+                             f"{cfg.loss.answer_after} with method {cfg.method!r}")
 
-    def forward(self, teacher_batch, student_batch=None) -> dict[str, torch.Tensor]:
+    def forward(self, teacher_batch, student_batch=None, step: int | None = None) -> dict[str, torch.Tensor]:
+        """``step``: the 0-based optimizer step (for ``loss.answer_after``; None: past any warm-up)."""
         cfg, model = self.cfg, self.student.model
         if not cfg.uses_latents:  # cot / nocot: plain next-token CE in teacher mode
             out = model(input_ids=teacher_batch.input_ids, attention_mask=teacher_batch.attention_mask,
@@ -135,9 +139,11 @@ class KaVaObjective(nn.Module):
                          kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std, weights=weights)
             kv_floor = kv_content_floor(t_keys, target.values, target.slot_mask, kind=cfg.loss.kv_loss,
                                         layer_std=cfg.loss.layer_std, weights=weights)
-        step = (step_decoding_loss(model, student.latents, teacher_batch, student_batch.cot_latent_len)
-                if cfg.loss.a_step > 0 else None)
-        terms = kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv, step)
+        step_ce = (step_decoding_loss(model, student.latents, teacher_batch, student_batch.cot_latent_len)
+                   if cfg.loss.a_step > 0 else None)
+        warm = step is not None and step < cfg.loss.answer_after  # KV/CODI warm-up: the answer CE trains nothing
+        terms = kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv, step_ce,
+                               answer_weight=0.0 if warm else 1.0)
         if kv is not None:
             terms["kv_floor"] = kv_floor  # diagnostic only: not in the loss (losses.kv_content_floor)
         return terms
@@ -319,7 +325,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
                 tokens += int(tb.attention_mask.sum()) + (int(sb.attention_mask.sum()) if sb is not None else 0)
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(objective)
                 with sync:
-                    terms = objective(tb, sb)
+                    terms = objective(tb, sb, step=step)
                     for name, value in terms.items():
                         if not torch.isfinite(value.detach()).all():
                             raise NonFiniteLoss(f"step {step + 1}: loss term '{name}' is {value.item()}")

@@ -88,6 +88,28 @@ def test_objective_reports_every_term():
     terms = kava_objective(LossConfig(a1=10, a2=2), one, one * 2, one * 3, one * 4)
     assert set(terms) == {"teacher_ce", "student_ce", "codi", "kv", "loss"}
     assert terms["loss"].item() == 1 + 2 + 30 + 8
+    warm = kava_objective(LossConfig(a1=10, a2=2), one, one * 2, one * 3, one * 4, answer_weight=0.0)
+    assert warm["student_ce"].item() == 2 and warm["loss"].item() == 1 + 30 + 8  # logged, not trained
+
+
+def test_answer_warm_up_trains_only_the_distillation_terms(small_llama):
+    """loss.answer_after=2: at optimizer steps 0-1 the student's answer CE is logged but sends no gradient
+    (only teacher CE, CODI and KV do); from step 2 on it is back in the loss."""
+    b = small_llama
+    cfg = get_preset("tiny", "kava")
+    cfg = cfg.__class__(**{**cfg.__dict__, "latent": LatentConfig(mode="jacobi", M=4, T=1),
+                           "loss": LossConfig(a1=10.0, a2=1.0, answer_after=2)})
+    objective = KaVaObjective(Student(b.model, cfg.latent, b.eos_id, b.eot_id), cfg)
+    tb, sb = _batches(b, 4)
+    torch.manual_seed(0)
+    for step, with_answer in ((1, False), (2, True), (None, True)):
+        terms = objective(tb, sb, step=step)
+        rest = terms["teacher_ce"] + 10.0 * terms["codi"] + terms["kv"]
+        expected = rest + terms["student_ce"] if with_answer else rest
+        assert torch.allclose(terms["loss"], expected), step
+        assert terms["student_ce"].item() > 0
+    with pytest.raises(ValueError, match="answer_after"):
+        KaVaObjective(objective.student, cfg.__class__(**{**cfg.__dict__, "loss": LossConfig(answer_after=-1)}))
 
 
 @pytest.fixture(scope="module")
