@@ -181,6 +181,32 @@ def test_kv_alignment_identity_and_control():
     assert probe.kv_cosine(k, k).shape == (B, L, H, M, M)
 
 
+def test_value_reach_exact_floor_and_planted_slot():
+    torch.manual_seed(0)
+    B, L, H, M, d = 40, 2, 2, 4, 8
+    shared = torch.randn(1, L, H, M, d) * 3  # what every problem's target shares
+    own = torch.randn(B, L, H, M, d)  # what is specific to each problem
+    t = shared + own
+    mask = torch.ones(B, M, dtype=torch.bool)
+    mask[:5, 3] = False
+    exact = probe.value_reach(t.clone(), t, mask, kind="mse")
+    assert exact.ratio.abs().max() < 1e-6 and exact.count.tolist() == [B, B, B, B - 5]
+    # the other problems' mean is the floor itself
+    m = mask[:, None, None, :, None].float()
+    loo = ((t * m).sum(0, keepdim=True) - t * m) / (m.sum(0, keepdim=True) - m).clamp(min=1)
+    torch.testing.assert_close(probe.value_reach(loo, t, mask, kind="mse").ratio, torch.ones(L, M))
+    # a student that knows slot 0 of each problem and only the shared part elsewhere
+    s = shared.expand_as(t).clone()
+    s[:, :, :, 0] = t[:, :, :, 0]
+    r = probe.value_reach(s, t, mask, kind="mse")
+    assert (r.ratio[:, 0] < 0.01).all() and (r.ratio[:, 1:] > 0.9).all()
+    assert len(r.summary()["ratio_by_slot"]) == M and 0 < r.summary()["ratio"] < 1
+    # garbage in invalid slots changes nothing
+    s2 = s.clone()
+    s2[:5, :, :, 3] = 1e6
+    torch.testing.assert_close(probe.value_reach(s2, t, mask, kind="mse").distance, r.distance)
+
+
 def test_kv_alignment_on_collected_data(llama):
     student = _student(llama, "jacobi", 4, 1)
     data = probe.collect(student, llama, _cfg("jacobi", 4, 1), make_synthetic(4, split="test"), batch_size=4)

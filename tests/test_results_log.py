@@ -101,3 +101,22 @@ def test_weights_fingerprint_tells_builds_apart(tmp_path):
     assert len(first) == 12 and weights_fingerprint(tmp_path) == first
     save_file({"w": torch.tensor([0.0, 0.0, 1e-7])}, str(tmp_path / "model.safetensors"))
     assert weights_fingerprint(tmp_path) != first
+
+
+def test_kv_reach_script_reports_every_slot_and_layer(tmp_path, monkeypatch):
+    import sys
+
+    from kava_lab.train import train
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train import small_cfg
+
+    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
+    run = train(small_cfg(steps=2), tmp_path / "run", log=lambda s: None)
+    spec = importlib.util.spec_from_file_location("kv_reach", ROOT / "scripts" / "kv_reach.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "reach.json"
+    [row] = module.main([str(run), "--limit", "8", "--out", str(out)])
+    assert row["n"] == 8 and row["M"] == 4 and len(row["ratio_by_slot"]) == 4 and len(row["ratio_by_layer"]) == 2
+    assert row["ratio"] > 0 and all(c <= 8 for c in row["count"]) and out.exists()

@@ -12,7 +12,8 @@ that :func:`collect` fills in a few batched passes over held-out problems:
   K (and V) slot ``i`` and the compressed teacher slot ``j``, per KV head then averaged over heads, as an
   ``M x M`` matrix; the *diagonal score* (mean diagonal minus mean off-diagonal over valid slots) sums it
   up. The control pairs each student with another problem's teacher cache: what is left there is position
-  (RoPE) structure, not content.
+  (RoPE) structure, not content. :func:`value_reach` asks how *close* each slot's values come to their
+  target, against the content-free floor (the other problems' mean target), per layer and slot.
 - **trajectories** (:func:`project_trajectory`): latent hidden states of all slots and iterations projected
   on their top principal components (SVD), so one sees how the Jacobi iterations move the latents;
   :func:`iteration_deltas` measures how much each iteration still changes them.
@@ -38,7 +39,7 @@ Shapes: ``B`` examples, ``L`` layers, ``H`` KV heads, ``M`` slots, ``d`` head di
 
 from __future__ import annotations
 
-from .align import KVAlignment, diagonal_score, kv_alignment, kv_cosine
+from .align import KVAlignment, ValueReach, diagonal_score, kv_alignment, kv_cosine, value_reach
 from .collect import ProbeData, collect, latent_hidden_states, trajectory_tensor
 from .lens import LatentDecoding, decode_latents, final_norm, last_hidden_is_normed, lm_head, logit_lens, unwrap_model
 from .linear import TARGETS, ProbeResult, linear_probes, probe_targets, ridge_fit_predict
@@ -48,7 +49,7 @@ __all__ = [
     "unwrap_model", "final_norm", "lm_head", "last_hidden_is_normed", "logit_lens",
     "ProbeData", "collect", "latent_hidden_states", "trajectory_tensor",
     "LatentDecoding", "decode_latents",
-    "kv_cosine", "diagonal_score", "KVAlignment", "kv_alignment",
+    "kv_cosine", "diagonal_score", "KVAlignment", "kv_alignment", "ValueReach", "value_reach",
     "TrajectoryProjection", "project_trajectory", "iteration_deltas",
     "ProbeResult", "probe_targets", "ridge_fit_predict", "linear_probes", "TARGETS",
 ]

@@ -94,3 +94,56 @@ def kv_alignment(student_keys: Tensor, student_values: Tensor, teacher_keys: Ten
     return KVAlignment(keys=out["key"], values=out["value"], slot_mask=slot_mask, key_score=out["key_score"],
                        value_score=out["value_score"], key_control=out["key_control"],
                        value_control=out["value_control"])
+
+
+@dataclass
+class ValueReach:
+    """How close the student's latent values come to their compressed target, slot by slot, against the
+    content-free floor (each problem predicted by the other problems' mean target: what every problem shares).
+
+    ``ratio`` < 1 means the slot carries something specific to its problem; ~1 means it only reproduces what
+    all problems share. Values carry no RoPE, so position plays no part (keys would need rotating back)."""
+
+    distance: Tensor  # [L, M] mean per-entry distance, student vs target (valid slots only)
+    floor: Tensor  # [L, M] the same for the leave-one-out mean target
+    count: Tensor  # [M] valid examples per slot
+
+    @property
+    def ratio(self) -> Tensor:  # [L, M]
+        return self.distance / self.floor.clamp(min=1e-12)
+
+    def summary(self) -> dict:
+        slot_ratio = self.distance.mean(0) / self.floor.mean(0).clamp(min=1e-12)  # [M] over layers
+        return {"ratio_by_slot": slot_ratio.tolist(), "ratio_by_layer":
+                (self.distance.nanmean(1) / self.floor.nanmean(1).clamp(min=1e-12)).tolist(),
+                "ratio": float(self.distance.nanmean() / self.floor.nanmean().clamp(min=1e-12)),
+                "count": self.count.tolist()}
+
+
+def value_reach(student_values: Tensor, teacher_values: Tensor, slot_mask: Tensor, kind: str = "smooth_l1"
+                ) -> ValueReach:
+    """Student vs target latent values ``[B, L, H, M, d]`` (``slot_mask`` ``[B, M]``: valid target slots),
+    each layer's residual divided by the std of that layer's target (as the KV loss with ``layer_std``);
+    per layer and slot, the mean distance over heads, dims and the examples where the slot is valid, next to
+    the same distance for the leave-one-out mean target (``kava_lab.losses.kv_content_floor``, per slot)."""
+    from ..losses import _distance
+
+    s, t = student_values.float().cpu(), teacher_values.float().cpu()
+    mask = slot_mask.bool().cpu()
+    if mask.dim() == 4:
+        mask = mask.flatten(1, 2).any(1)
+    m = mask[:, None, None, :, None].float()  # [B, 1, 1, M, 1]
+    count = mask.sum(0)  # [M]
+    # per-layer std of the valid target entries
+    n = (m * torch.ones_like(t)).sum(dim=(0, 2, 3, 4)).clamp(min=1)  # [L]
+    mean = (t * m).sum(dim=(0, 2, 3, 4)) / n
+    std = ((((t - mean[None, :, None, None, None]) ** 2) * m).sum(dim=(0, 2, 3, 4)) / n).sqrt().clamp(min=1e-6)
+    others = ((m.sum(0, keepdim=True) - m)).clamp(min=1)
+    loo = ((t * m).sum(0, keepdim=True) - t * m) / others  # [B, L, H, M, d]
+    dist = _distance(kind)
+    out = []
+    for pred in (s, loo):
+        per = dist((pred - t) / std[None, :, None, None, None]).mean(dim=(2, 4))  # [B, L, M]
+        w = mask[:, None, :].float()
+        out.append((per * w).sum(0) / w.sum(0).clamp(min=1))  # [L, M]
+    return ValueReach(distance=out[0], floor=out[1], count=count)

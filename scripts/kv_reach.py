@@ -1,0 +1,69 @@
+"""Which latent slots does a trained student reach? Its latent values against their compressed target, slot by
+slot and layer by layer, over a content-free floor.
+
+    python scripts/kv_reach.py runs/exp/s47-kava-combo-4800 [runs/exp/OTHER ...] --limit 300 \
+        --out results/probes/kv-reach-s47.json
+
+For each run, on its task's validation problems: the run's own compressor builds the target from the teacher
+pass (the same model reading the gold CoT), the student's latent loop writes its values, and
+:func:`kava_lab.probe.value_reach` gives distance / floor per layer and slot (slots in CoT time order: slot j
+holds the j-th kept entry, so later slots come from later CoT steps). A ratio rising with the slot index says
+the student reaches the early steps of the walk and not the later ones (serial depth); a flat ratio says the
+limit is elsewhere. Values only: keys carry RoPE positions, so their distance mixes position with content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kava_lab import probe  # noqa: E402
+from kava_lab.loaders import load_examples  # noqa: E402
+from kava_lab.runs import load_run  # noqa: E402
+
+
+def reach(run_dir: str, split: str, limit: int) -> dict:
+    t0 = time.perf_counter()
+    student, backbone, cfg = load_run(run_dir)
+    examples = load_examples(cfg.data.eval, split=split, trace=cfg.data.trace, limit=limit)
+    data = probe.collect(student, backbone, cfg, examples, batch_size=64)
+    r = probe.value_reach(data.student_values, data.teacher_values, data.slot_mask, kind=cfg.loss.kv_loss)
+    return {"run": Path(run_dir).name, "split": split, "n": len(examples), "M": data.M,
+            "compressor": data.compressor, **r.summary(), "ratio_by_layer_slot": r.ratio.tolist(),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="trained latent run folders")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for run in args.runs:
+        row = reach(run, args.split, args.limit)
+        rows.append(row)
+        slots = " ".join(f"{x:.2f}" for x in row["ratio_by_slot"])
+        layers = " ".join(f"{x:.2f}" for x in row["ratio_by_layer"])
+        print(f"{row['run']}: value distance / floor {row['ratio']:.3f} (n={row['n']}, {row['seconds']} s)\n"
+              f"  by slot (CoT time order): {slots}\n  valid examples per slot: {row['count']}\n"
+              f"  by layer: {layers}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
