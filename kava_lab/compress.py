@@ -50,6 +50,8 @@ __all__ = [
     "select",
     "Compressed",
     "compress_extraction",
+    "scope_scores",
+    "SCOPES",
     "importance_scores",
     "redundancy_scores",
 ]
@@ -364,14 +366,37 @@ class Compressed:
         )
 
 
+SCOPES = ("head", "layer", "all")
+
+
+def scope_scores(scores: Tensor, scope: str = "head") -> Tensor:
+    """Scores ``[B, L, H_kv, N]`` for selection: unchanged (``"head"``), averaged over each layer's KV heads
+    (``"layer"``) or over every layer and head (``"all"``), expanded back to ``[B, L, H_kv, N]`` so that
+    :func:`select` keeps the same positions in every head (and layer). ``-inf`` and NaN scores count as the
+    lowest finite score (as in :func:`select`, which never keeps a pad whatever its score)."""
+    if scope not in SCOPES:
+        raise ValueError(f"compress.scope must be one of {SCOPES}, found {scope!r}")
+    if scope == "head":
+        return scores
+    lowest = torch.finfo(torch.float32).min
+    s = torch.nan_to_num(scores.float(), nan=lowest, posinf=torch.finfo(torch.float32).max, neginf=lowest)
+    mean = s.mean(dim=(2,) if scope == "layer" else (1, 2), keepdim=True)  # pads: select masks them by key_mask
+    return mean.expand_as(scores)
+
+
 def compress_extraction(
     ext: Any,
     compressor: Compressor | str,
     M: int,
     order: str = "time",
     return_scores: bool = False,
+    scope: str = "head",
 ) -> Compressed:
     """Compress a whole teacher extraction (every layer) to ``M`` entries per layer and KV head.
+
+    ``scope`` (:func:`scope_scores`): ``"head"`` selects per layer and KV head (R-KV, the paper); ``"layer"``
+    keeps one set of CoT positions per layer (scores averaged over its KV heads); ``"all"`` one set for the
+    whole cache (averaged over layers and heads), so latent slot ``j`` is one CoT token in every layer and head.
 
     ``ext`` has attributes ``cot_keys``, ``cot_values`` [B, L, H_kv, N, d], ``cot_mask`` [B, N] bool,
     ``answer_queries`` [B, L, H_q, A, d] and ``answer_mask`` [B, A] bool (post-RoPE keys and queries).
@@ -410,7 +435,8 @@ def compress_extraction(
         qm_f = query_mask[:, None, :].expand(b, n_layers, a).reshape(bl, a)
 
     scores = compressor.score(k_f, q_f, km_f, qm_f, budget=M)  # [B*L, H_kv, N]
-    idx, slot_mask = select(scores, km_f, M, order=order)  # [B*L, H_kv, M]
+    chosen = scope_scores(scores.view(b, n_layers, h_kv, n), scope).reshape(bl, h_kv, n)
+    idx, slot_mask = select(chosen, km_f, M, order=order)  # [B*L, H_kv, M]
     if n == 0:  # nothing to gather from
         k_sel = keys.new_zeros(bl, h_kv, M, d)
         v_sel = values.new_zeros(bl, h_kv, M, d)

@@ -31,6 +31,11 @@ class CompressConfig:
     lam: float = 0.1  # S = lam * importance + (1 - lam) * redundancy
     order: str = "time"  # slot j <- j-th kept entry in time order ("score": by score)
     seed: int = 0  # for "random"
+    # what one kept set of CoT positions serves: "head" (each layer and KV head its own, R-KV and the paper),
+    # "layer" (one set per layer, scores averaged over its KV heads), "all" (one set for the whole cache: slot j
+    # is one CoT token in every layer and head, a target one latent's residual stream can write;
+    # kava_lab.compress.scope_scores)
+    scope: str = "head"
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,8 @@ def compress_target(ext, cfg, M: int):
     """The KV loss's target from a teacher extraction: ``cfg.compress`` applied as in training."""
     from .compress import compress_extraction, compressor_from_config
 
-    return compress_extraction(ext, compressor_from_config(cfg.compress), M, order=cfg.compress.order)
+    return compress_extraction(ext, compressor_from_config(cfg.compress), M, order=cfg.compress.order,
+                               scope=cfg.compress.scope)
 
 
 @torch.no_grad()

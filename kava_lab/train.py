@@ -122,7 +122,8 @@ class KaVaObjective(nn.Module):
                 covered = torch.arange(n, device=teacher.cot_mask.device)[None] < student_batch.cot_latent_len[:, None]
                 kv_source = dataclasses.replace(teacher, cot_mask=teacher.cot_mask & covered)
             with torch.no_grad():
-                target = compress_extraction(kv_source, self.compressor, student_batch.M, order=cfg.compress.order)
+                target = compress_extraction(kv_source, self.compressor, student_batch.M, order=cfg.compress.order,
+                                             scope=cfg.compress.scope)
             s_keys, t_keys = student.latent_keys, target.keys
             if cfg.loss.kv_keys == "pre_rope":
                 s_keys, t_keys = pre_rope_keys(model, s_keys, t_keys, target.indices, student_batch, teacher_batch)

@@ -284,6 +284,29 @@ def test_compress_extraction_gathers_rows_and_folds_layers(order):
                     assert torch.equal(out.values[b, l, h, m], ext.cot_values[b, l, h, i])
 
 
+@pytest.mark.parametrize("scope", ["layer", "all"])
+def test_scoped_selection_keeps_one_set_per_layer_or_cache(scope):
+    ext = make_ext(seed=8)
+    M = 5
+    comp = get_compressor("rkv", lam=0.3)
+    out = compress_extraction(ext, comp, M, scope=scope, return_scores=True)
+    same_heads = out.indices == out.indices[:, :, :1]
+    assert same_heads.all() and torch.equal(out.slot_mask, compress_extraction(ext, comp, M).slot_mask)
+    if scope == "all":
+        assert (out.indices == out.indices[:, :1]).all()
+    # the kept set is the top-M of the mean score over the shared heads (and layers), pads never kept
+    mean = out.scores.mean(dim=2 if scope == "layer" else (1, 2), keepdim=True).expand_as(out.scores)
+    for b in range(B):
+        for l in range(L):
+            idx, sm = select(mean[b:b + 1, l], ext.cot_mask[b:b + 1], M)
+            assert torch.equal(out.indices[b, l], idx[0]) and torch.equal(out.slot_mask[b, l], sm[0])
+    # rows are still each head's own K/V at the shared positions
+    i = int(out.indices[0, 1, 1, 2])
+    assert torch.equal(out.values[0, 1, 1, 2], ext.cot_values[0, 1, 1, i])
+    with pytest.raises(ValueError, match="compress.scope"):
+        compress_extraction(ext, comp, M, scope="none")
+
+
 def test_compressed_helpers_and_errors():
     ext = make_ext(seed=9)
     out = compress_extraction(ext, "rkv", 8)

@@ -69,6 +69,34 @@ def test_kv_target_covers_only_the_replaced_steps(tiny_backbone):
     assert objective(tb, sb)["kv"].item() > 0
 
 
+@pytest.mark.parametrize("kv_keys", ["post_rope", "pre_rope"])
+def test_kv_target_with_one_kept_set_for_the_whole_cache(tiny_backbone, kv_keys):
+    """compress.scope=all: the objective's target keeps the same CoT tokens in every layer and head, and the
+    KV term with importance weights and either key layout stays finite and trains the latents."""
+    from kava_lab.config import CompressConfig, LossConfig
+    from kava_lab.intervene import kv_target
+    from kava_lab.student import Student
+    from kava_lab.train import KaVaObjective
+
+    b = tiny_backbone
+    base = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(base, latent=LatentConfig(mode="jacobi", M=4, T=1),
+                              compress=dataclasses.replace(base.compress, scope="all"),
+                              loss=dataclasses.replace(base.loss, kv_keys=kv_keys, kv_weight="importance", a2=10.0))
+    assert isinstance(cfg.compress, CompressConfig) and isinstance(cfg.loss, LossConfig)
+    items = [encode(e, b.tokenizer) for e in make_synthetic(3, trace="nl", min_steps=4, max_steps=4)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    target = kv_target(b.model, cfg, tb, 4)
+    assert (target.indices == target.indices[:, :1, :1]).all()  # one set of positions per example
+    student = Student(b.model, cfg.latent, b.eos_id, b.eot_id)
+    terms = KaVaObjective(student, cfg)(tb, sb)
+    assert torch.isfinite(terms["kv"]) and terms["kv"].item() > 0
+    terms["kv"].backward()
+    assert student.projection.net[0].weight.grad.abs().sum() > 0
+    b.model.zero_grad()
+
+
 def test_training_with_a_curriculum_logs_its_stage(tmp_path):
     from kava_lab.train import read_metrics, train
 

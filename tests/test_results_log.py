@@ -120,3 +120,4 @@ def test_kv_reach_script_reports_every_slot_and_layer(tmp_path, monkeypatch):
     [row] = module.main([str(run), "--limit", "8", "--out", str(out)])
     assert row["n"] == 8 and row["M"] == 4 and len(row["ratio_by_slot"]) == 4 and len(row["ratio_by_layer"]) == 2
     assert row["ratio"] > 0 and all(c <= 8 for c in row["count"]) and out.exists()
+    assert 0 <= row["same_token_across_cache"] <= row["same_token_across_heads"] <= 1 and row["scope"] == "head"
