@@ -14,6 +14,8 @@ One small contract, one shared selector, tiny implementations (the kvpress shape
   exactly ``min(M, valid tokens)`` slots are valid, time order by default.
 - :func:`compress_extraction` runs both over a whole teacher extraction (all layers at once, ``L`` folded
   into the batch) and gathers the kept K/V rows into a :class:`Compressed`.
+- :func:`scope_scores` (``compress.scope``) optionally averages the scores over a layer's KV heads, or over every
+  layer and head, before selection: one kept set per layer, or one for the whole cache (the paper: per head).
 
 Implementations (:data:`COMPRESSORS`, :func:`get_compressor`): ``rkv`` (``S = lam*I + (1-lam)*R``, the
 KaVa default, ``lam=0.1``), ``attention`` (``lam=1``), ``redundancy`` (``lam=0``), ``crop`` (first M),
