@@ -70,8 +70,8 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_good_checkpoint(tmp_path, m
     original = KaVaObjective.forward
     calls = {"n": 0}
 
-    def poisoned(self, tb, sb=None):
-        terms = original(self, tb, sb)
+    def poisoned(self, tb, sb=None, step=None):
+        terms = original(self, tb, sb, step=step)
         calls["n"] += 1
         if calls["n"] == 5:  # step 3, first micro-batch (2 micro-batches per step)
             terms["kv"] = terms["kv"] * float("nan")
