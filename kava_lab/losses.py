@@ -90,12 +90,16 @@ def kv_content_floor(teacher_k: torch.Tensor, teacher_v: torch.Tensor, slot_mask
     teacher_k/v: ``[B, L, H_kv, M, d]``; slot_mask: ``[B, L, H_kv, M]`` (or ``[B, M]``)."""
     with torch.no_grad():
         slot_mask = _full_mask(slot_mask, teacher_k)
-        m = slot_mask[..., None].to(teacher_k.dtype)  # [B, L, H, M, 1]
-        others = (m.sum(0, keepdim=True) - m).clamp(min=1)  # valid rows other than this one
-        loo_k = ((teacher_k * m).sum(0, keepdim=True) - teacher_k * m) / others  # [B, L, H, M, d]
-        loo_v = ((teacher_v * m).sum(0, keepdim=True) - teacher_v * m) / others
-        return kv_loss(loo_k, loo_v, teacher_k, teacher_v, slot_mask, kind=kind, layer_std=layer_std,
-                       weights=weights)
+        return kv_loss(leave_one_out_mean(teacher_k, slot_mask), leave_one_out_mean(teacher_v, slot_mask),
+                       teacher_k, teacher_v, slot_mask, kind=kind, layer_std=layer_std, weights=weights)
+
+
+def leave_one_out_mean(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each example's prediction by the mean of the *other* examples' valid entries: ``target``
+    ``[B, L, H, M, d]``, ``mask`` ``[B, L, H, M]`` -> ``[B, L, H, M, d]`` (masked rows enter no mean)."""
+    m = mask[..., None].to(target.dtype)  # [B, L, H, M, 1]
+    others = (m.sum(0, keepdim=True) - m).clamp(min=1)  # valid rows other than this one
+    return ((target * m).sum(0, keepdim=True) - target * m) / others
 
 
 def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, norm: str = "global") -> torch.Tensor:

@@ -9,9 +9,9 @@ pass (the same model reading the gold CoT), the student's latent loop writes its
 :func:`kava_lab.probe.value_reach` gives distance / floor per layer and slot (slots in CoT time order: slot j
 holds the j-th kept entry, so later slots come from later CoT steps). A ratio rising with the slot index says
 the student reaches the early steps of the walk and not the later ones (serial depth); a flat ratio says the
-limit is elsewhere. Values only: keys carry RoPE positions, so their distance mixes position with content. It also reports how
-often a target slot holds one CoT token in every KV head of a layer, and in every layer and head
-(``compress.scope``: per-head R-KV keeps different tokens in each head).
+limit is elsewhere. Values only: keys carry RoPE positions, so their distance mixes position with content.
+It also reports how often a target slot holds one CoT token in every KV head of a layer, and in every layer
+and head (``compress.scope``: per-head R-KV keeps different tokens in each head).
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ class ValueReach:
     def summary(self) -> dict:
         slot_ratio = self.distance.mean(0) / self.floor.mean(0).clamp(min=1e-12)  # [M] over layers
         return {"ratio_by_slot": slot_ratio.tolist(), "ratio_by_layer":
-                (self.distance.nanmean(1) / self.floor.nanmean(1).clamp(min=1e-12)).tolist(),
-                "ratio": float(self.distance.nanmean() / self.floor.nanmean().clamp(min=1e-12)),
+                (self.distance.mean(1) / self.floor.mean(1).clamp(min=1e-12)).tolist(),
+                "ratio": float(self.distance.mean() / self.floor.mean().clamp(min=1e-12)),
                 "count": self.count.tolist()}
 
 
@@ -126,24 +126,17 @@ def value_reach(student_values: Tensor, teacher_values: Tensor, slot_mask: Tenso
     each layer's residual divided by the std of that layer's target (as the KV loss with ``layer_std``);
     per layer and slot, the mean distance over heads, dims and the examples where the slot is valid, next to
     the same distance for the leave-one-out mean target (``kava_lab.losses.kv_content_floor``, per slot)."""
-    from ..losses import _distance
+    from ..losses import _distance, _full_mask, _layer_std, leave_one_out_mean
 
     s, t = student_values.float().cpu(), teacher_values.float().cpu()
     mask = slot_mask.bool().cpu()
     if mask.dim() == 4:
         mask = mask.flatten(1, 2).any(1)
-    m = mask[:, None, None, :, None].float()  # [B, 1, 1, M, 1]
-    count = mask.sum(0)  # [M]
-    # per-layer std of the valid target entries
-    n = (m * torch.ones_like(t)).sum(dim=(0, 2, 3, 4)).clamp(min=1)  # [L]
-    mean = (t * m).sum(dim=(0, 2, 3, 4)) / n
-    std = ((((t - mean[None, :, None, None, None]) ** 2) * m).sum(dim=(0, 2, 3, 4)) / n).sqrt().clamp(min=1e-6)
-    others = ((m.sum(0, keepdim=True) - m)).clamp(min=1)
-    loo = ((t * m).sum(0, keepdim=True) - t * m) / others  # [B, L, H, M, d]
-    dist = _distance(kind)
+    full = _full_mask(mask, t)  # [B, L, H, M]
+    std = _layer_std(t, full)[None, :, None, None, None]  # [1, L, 1, 1, 1]
+    dist, w = _distance(kind), mask[:, None, :].float()  # w: [B, 1, M]
     out = []
-    for pred in (s, loo):
-        per = dist((pred - t) / std[None, :, None, None, None]).mean(dim=(2, 4))  # [B, L, M]
-        w = mask[:, None, :].float()
+    for pred in (s, leave_one_out_mean(t, full)):
+        per = dist((pred - t) / std).mean(dim=(2, 4))  # [B, L, M]
         out.append((per * w).sum(0) / w.sum(0).clamp(min=1))  # [L, M]
-    return ValueReach(distance=out[0], floor=out[1], count=count)
+    return ValueReach(distance=out[0], floor=out[1], count=mask.sum(0))
