@@ -23,6 +23,11 @@ class LatentConfig:
     M: int = 24  # latent slots
     T: int = 3  # Jacobi iterations (ignored in sequential mode)
     projection: bool = True  # Linear-GELU-Linear-LayerNorm on last-layer hidden states; False: identity
+    # what a latent pass feeds the next: "projection" (Projection(h), the paper) or "soft_token" (the mixture of
+    # token embeddings the model's own LM head predicts from h, softmax(logits(h) / tau) @ E: an input of the
+    # kind the teacher's CoT positions get; kava_lab.student.SoftToken)
+    input: str = "projection"
+    tau: float = 1.0  # soft_token temperature
 
 
 @dataclass(frozen=True)

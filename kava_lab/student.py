@@ -41,6 +41,34 @@ class Projection(nn.Module):
         return self.net(h.to(self.net[0].weight.dtype)).to(h.dtype)
 
 
+class SoftToken(nn.Module):
+    """``softmax(lm_head(h) / tau) @ E``: the token-embedding mixture the model predicts from last-layer hidden
+    states (``latent.input=soft_token``). No parameters of its own: it reads the backbone's output and input
+    embeddings, so training it trains the backbone's."""
+
+    def __init__(self, model: nn.Module, tau: float = 1.0):
+        super().__init__()
+        if not tau > 0:
+            raise ValueError(f"latent.tau must be > 0, found {tau}")
+        self.tau = tau
+        self._model = [model]  # a list, so the backbone is not registered twice as a submodule
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, n, D] -> [B, n, D]
+        model = self._model[0]
+        logits = model.get_output_embeddings()(h)  # [B, n, V]
+        weights = torch.softmax(logits.float() / self.tau, -1).to(h.dtype)
+        return weights @ model.get_input_embeddings().weight  # [B, n, D]
+
+
+def latent_input(model: nn.Module, cfg: LatentConfig, d: int) -> nn.Module:
+    """The map from a latent pass's last-layer hidden states to the next pass's inputs (``latent.input``)."""
+    if cfg.input == "projection":
+        return Projection(d, cfg.projection)
+    if cfg.input == "soft_token":
+        return SoftToken(model, cfg.tau)
+    raise ValueError(f"latent.input must be 'projection' or 'soft_token', found {cfg.input!r}")
+
+
 def fork_cache(cache):
     """A cache that shares ``cache``'s tensors but whose updates leave ``cache`` untouched."""
     new = copy.copy(cache)
@@ -86,7 +114,7 @@ class Student(nn.Module):
         self.cfg = cfg
         self.eos_id, self.eot_id = eos_id, eot_id
         d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
-        self.projection = Projection(d, cfg.projection)
+        self.projection = latent_input(model, cfg, d)
 
     # ----------------------------------------------------------------------------------- latent loop
     def _run(self, cache, embeds, attention_mask, position_ids):

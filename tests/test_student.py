@@ -152,3 +152,32 @@ def test_batch_with_another_M_than_the_student_is_refused(bb):
     student = _student(bb, M=3)
     with pytest.raises(ValueError, match="4 latent columns .* LatentConfig.M is 3"):
         student.latent_loop(_batch(bb, M=4))
+
+
+def test_soft_token_input_is_the_predicted_embedding_mixture(bb):
+    """latent.input=soft_token: the next pass's inputs are softmax(lm_head(h) / tau) @ E, written out here from
+    the model's logits, and the answer CE reaches them (no projection parameters)."""
+    M, T = 3, 2
+    torch.manual_seed(1)
+    student = Student(bb.model, LatentConfig(M=M, T=T, input="soft_token", tau=0.5), eos_id=bb.eos_id,
+                      eot_id=bb.eot_id).eval()
+    assert list(student.projection.parameters()) == []  # the backbone is not registered a second time
+    batch = _batch(bb, M)
+    P, ids, am, pos = batch.P, batch.input_ids, batch.attention_mask, batch.position_ids
+    with torch.no_grad():
+        out = bb.model(input_ids=ids[:, :P + M], attention_mask=am[:, :P + M], position_ids=pos[:, :P + M])
+        expected = torch.softmax(out.logits[:, P - 1:P + M - 1] / 0.5, -1) @ bb.model.get_input_embeddings().weight
+        state = student.latent_loop(batch, record=True)
+    first = state.trajectory[1]["inputs"]  # [B, M, D], the first Jacobi pass's inputs
+    rows = am[:, P - 1].bool()
+    assert torch.allclose(first[rows], expected[rows], atol=1e-5)
+    assert not torch.allclose(first, torch.zeros_like(first))
+
+    student.train()
+    trained = student(_batch(bb, M, answer=True))
+    (grad,) = torch.autograd.grad(trained.ce, [trained.latents])  # the answer reads the soft-token inputs
+    assert grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="latent.input"):
+        Student(bb.model, LatentConfig(input="hidden"), eos_id=bb.eos_id, eot_id=bb.eot_id)
+    with pytest.raises(ValueError, match="latent.tau"):
+        Student(bb.model, LatentConfig(input="soft_token", tau=0.0), eos_id=bb.eos_id, eot_id=bb.eot_id)
