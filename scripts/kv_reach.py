@@ -2,7 +2,7 @@
 slot and layer by layer, over a content-free floor.
 
     python scripts/kv_reach.py runs/exp/s47-kava-combo-4800 [runs/exp/OTHER ...] --limit 300 \
-        --out results/probes/kv-reach-s47.json
+        --out results/probes/kv-reach-s47.json [--merge]
 
 For each run, on its task's validation problems: the run's own compressor builds the target from the teacher
 pass (the same model reading the gold CoT), the student's latent loop writes its values, and
@@ -56,6 +56,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in --out, replacing those of the same run and split")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -69,8 +71,12 @@ def main(argv=None) -> list[dict]:
               f"  by layer: {layers}\n  target slots holding one CoT token in every head of a layer: "
               f"{row['same_token_across_heads']:.1%}, in every layer and head: {row['same_token_across_cache']:.1%}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        out = Path(args.out)
+        new = {(r["run"], r["split"]) for r in rows}
+        kept = [r for r in json.loads(out.read_text()) if (r["run"], r["split"]) not in new] \
+            if args.merge and out.exists() else []
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(kept + rows, indent=1))
     return rows
 
 

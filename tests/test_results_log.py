@@ -1,6 +1,7 @@
 """The experiment log: README tables are rendered from results/*.json, never typed by hand."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,3 +122,8 @@ def test_kv_reach_script_reports_every_slot_and_layer(tmp_path, monkeypatch):
     assert row["n"] == 8 and row["M"] == 4 and len(row["ratio_by_slot"]) == 4 and len(row["ratio_by_layer"]) == 2
     assert row["ratio"] > 0 and all(c <= 8 for c in row["count"]) and out.exists()
     assert 0 <= row["same_token_across_cache"] <= row["same_token_across_heads"] <= 1 and row["scope"] == "head"
+    other = dict(row, run="other-run")  # --merge keeps another run's row and replaces this run's
+    out.write_text(json.dumps([other, dict(row, ratio=-1.0)]))
+    module.main([str(run), "--limit", "8", "--out", str(out), "--merge"])
+    assert [(r["run"], r["ratio"]) for r in json.loads(out.read_text())] == [("other-run", row["ratio"]),
+                                                                           (row["run"], row["ratio"])]
