@@ -49,7 +49,9 @@ class LossConfig:
     layer_std: bool = True  # divide each layer's KV residual by the std of that layer's teacher target
     a1: float = 10.0  # CODI hidden-state distillation weight
     a2: float = 1.0  # KV distillation weight
-    teacher_weight: float = 1.0  # weight of teacher CE (the teacher is the same model)
+    # weight of teacher CE (the teacher is the same model); 0: the shared model is not trained on CoT during
+    # distillation and the teacher pass runs without a graph (no teacher backward)
+    teacher_weight: float = 1.0
     # CODI residual scale per layer: "global" = std of the teacher's anchor states over batch and hidden dims
     # (CODI's own code); "examples" = their spread across examples (root mean over dims of the variance over
     # the batch), which measures the residual against what differs between problems

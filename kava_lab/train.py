@@ -108,7 +108,10 @@ class KaVaObjective(nn.Module):
             out = model(input_ids=teacher_batch.input_ids, attention_mask=teacher_batch.attention_mask,
                         position_ids=teacher_batch.position_ids, labels=teacher_batch.labels)
             return kava_objective(cfg.loss, out.loss)
-        teacher = extract_teacher(model, teacher_batch, with_grad=True, keep_cache=True, with_logits=False)
+        # loss.teacher_weight=0: nothing trains through the teacher pass (its signals are detached), so it runs
+        # without a graph and the student re-encodes its question: the same gradients, no teacher backward
+        graph = cfg.loss.teacher_weight != 0
+        teacher = extract_teacher(model, teacher_batch, with_grad=graph, keep_cache=graph, with_logits=False)
         student = self.student(student_batch, question_cache=question_columns(teacher.cache, teacher_batch,
                                                                                student_batch))
         teacher.cache = None

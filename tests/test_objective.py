@@ -177,6 +177,46 @@ def test_sharing_the_teachers_question_cache_changes_neither_losses_nor_gradient
     assert question_columns(object(), tb, collate(items[:2], "student", M=4)) is None  # other rows: no sharing
 
 
+def test_a_teacher_without_weight_runs_without_a_graph_and_changes_no_gradient(tiny_backbone, monkeypatch):
+    """loss.teacher_weight=0 skips the teacher's graph (and the shared question columns): the losses and every
+    gradient equal those of the same objective run through a teacher pass with a graph."""
+    import kava_lab.train as T
+    from kava_lab.student import Student
+    from kava_lab.train import KaVaObjective
+
+    b = tiny_backbone
+    cfg = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(cfg, latent=dataclasses.replace(cfg.latent, M=4, T=2),
+                              loss=dataclasses.replace(cfg.loss, teacher_weight=0.0, kv_weight="importance"))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(4, trace="nl", min_steps=2, max_steps=5)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    objective = KaVaObjective(Student(b.model, cfg.latent, eos_id=b.eos_id, eot_id=b.eot_id), cfg)
+    original, calls = T.extract_teacher, []
+
+    def with_graph(model, batch, **kw):
+        calls.append(kw["with_grad"])
+        return original(model, batch, **{**kw, "with_grad": True, "keep_cache": True})
+
+    results = []
+    for force_graph in (False, True):
+        if force_graph:
+            monkeypatch.setattr(T, "extract_teacher", with_graph)
+        objective.zero_grad()
+        terms = objective(tb, sb)
+        terms["loss"].backward()
+        assert terms["teacher_ce"].requires_grad == force_graph
+        grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+        results.append(({k: v.item() for k, v in terms.items()}, grads))
+    (frozen, g1), (graph, g2) = results
+    assert calls == [False]  # the objective asked for no graph
+    for k in graph:
+        assert frozen[k] == pytest.approx(graph[k], rel=1e-5, abs=1e-6), k
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-6), n
+
+
 def test_answer_logits_only_on_request_and_the_objective_skips_them(tiny_backbone, tmp_path):
     from kava_lab.teacher import TeacherOutput, extract_teacher
 
