@@ -52,6 +52,10 @@ class LossConfig:
     # weight of teacher CE (the teacher is the same model); 0: the shared model is not trained on CoT during
     # distillation and the teacher pass runs without a graph (no teacher backward)
     teacher_weight: float = 1.0
+    # which weights the teacher pass runs on: "shared" (the model being trained, the paper) or "frozen" (a copy
+    # of the model as training starts, the stage-0 teacher for from-scratch presets, never updated: stable
+    # targets and no teacher backward, at the cost of a second copy of the weights)
+    teacher: str = "shared"
     # CODI residual scale per layer: "global" = std of the teacher's anchor states over batch and hidden dims
     # (CODI's own code); "examples" = their spread across examples (root mean over dims of the variance over
     # the batch), which measures the residual against what differs between problems

@@ -16,6 +16,7 @@ naming the step and the term, keeping the last good checkpoint; any other crash 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -97,9 +98,20 @@ class KaVaObjective(nn.Module):
         self.student = student
         self.cfg = cfg
         self.compressor = make_compressor(cfg) if cfg.loss.a2 > 0 else None
+        if cfg.loss.teacher not in ("shared", "frozen"):
+            raise ValueError(f"loss.teacher must be 'shared' or 'frozen', found {cfg.loss.teacher!r}")
+        # a submodule (devices follow it) whose weights require no grad, so the optimizer never sees them
+        self.frozen_teacher = (copy.deepcopy(student.model).eval().requires_grad_(False)
+                               if cfg.loss.teacher == "frozen" and cfg.uses_latents else None)
         if cfg.loss.answer_after < 0 or (cfg.loss.answer_after and not cfg.uses_latents):
             raise ValueError(f"loss.answer_after must be >= 0 and needs a latent method, found "
                              f"{cfg.loss.answer_after} with method {cfg.method!r}")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_teacher is not None:
+            self.frozen_teacher.eval()
+        return self
 
     def forward(self, teacher_batch, student_batch=None, step: int | None = None) -> dict[str, torch.Tensor]:
         """``step``: the 0-based optimizer step (for ``loss.answer_after``; None: past any warm-up)."""
@@ -108,10 +120,11 @@ class KaVaObjective(nn.Module):
             out = model(input_ids=teacher_batch.input_ids, attention_mask=teacher_batch.attention_mask,
                         position_ids=teacher_batch.position_ids, labels=teacher_batch.labels)
             return kava_objective(cfg.loss, out.loss)
-        # loss.teacher_weight=0: nothing trains through the teacher pass (its signals are detached), so it runs
-        # without a graph and the student re-encodes its question: the same gradients, no teacher backward
-        graph = cfg.loss.teacher_weight != 0
-        teacher = extract_teacher(model, teacher_batch, with_grad=graph, keep_cache=graph, with_logits=False)
+        # loss.teacher_weight=0 or a frozen teacher: nothing trains through the teacher pass (its signals are
+        # detached), so it runs without a graph and the student re-encodes its question: no teacher backward
+        graph = cfg.loss.teacher_weight != 0 and self.frozen_teacher is None
+        teacher_model = model if self.frozen_teacher is None else self.frozen_teacher
+        teacher = extract_teacher(teacher_model, teacher_batch, with_grad=graph, keep_cache=graph, with_logits=False)
         student = self.student(student_batch, question_cache=question_columns(teacher.cache, teacher_batch,
                                                                                student_batch))
         teacher.cache = None

@@ -217,6 +217,43 @@ def test_a_teacher_without_weight_runs_without_a_graph_and_changes_no_gradient(t
         assert torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-6), n
 
 
+def test_a_frozen_teacher_keeps_its_start_weights_and_trains_nothing(tiny_backbone):
+    """loss.teacher=frozen: the teacher pass runs on a copy of the model as training starts. At the start it
+    gives the shared objective's student terms (teacher_weight=0, same weights); the copy holds no trainable
+    parameter, and after the student's weights move the copy's targets stay those of the start weights."""
+    import copy
+
+    from kava_lab.student import Student
+    from kava_lab.train import KaVaObjective
+
+    b = tiny_backbone
+    model = copy.deepcopy(b.model)  # this test moves weights: keep the shared fixture intact
+    cfg = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(cfg, latent=dataclasses.replace(cfg.latent, M=4, T=2),
+                              loss=dataclasses.replace(cfg.loss, teacher_weight=0.0))
+    frozen_cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, teacher="frozen"))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(4, trace="nl", min_steps=2, max_steps=5)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    student = Student(model, cfg.latent, eos_id=b.eos_id, eot_id=b.eot_id)
+    shared, frozen = KaVaObjective(student, cfg), KaVaObjective(student, frozen_cfg)
+    assert {id(p) for p in frozen.parameters() if p.requires_grad} == {id(p) for p in student.parameters()}
+    frozen.train()
+    assert not frozen.frozen_teacher.training and student.training
+    a, c = shared(tb, sb), frozen(tb, sb)
+    for k in ("teacher_ce", "student_ce", "kv", "codi", "loss"):
+        assert a[k].item() == pytest.approx(c[k].item(), rel=1e-5, abs=1e-6), k
+    assert not c["teacher_ce"].requires_grad
+    with torch.no_grad():  # move the student's weights
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    a, c = shared(tb, sb), frozen(tb, sb)
+    assert c["teacher_ce"].item() != pytest.approx(a["teacher_ce"].item(), rel=1e-3)  # the copy did not move
+    assert c["student_ce"].item() == pytest.approx(a["student_ce"].item(), rel=1e-5)  # the student is shared
+    with pytest.raises(ValueError, match="loss.teacher"):
+        KaVaObjective(student, dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, teacher="ema")))
+
+
 def test_answer_logits_only_on_request_and_the_objective_skips_them(tiny_backbone, tmp_path):
     from kava_lab.teacher import TeacherOutput, extract_teacher
 
