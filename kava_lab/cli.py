@@ -85,7 +85,7 @@ def _intervene(args) -> int:
     """Accuracy of the untouched run next to each latent intervention (written to interventions*.json)."""
     from .evaluate import evaluate_interventions
     from .loaders import load_examples
-    from .runs import load_run
+    from .runs import load_run, target_teacher
 
     kinds = None if "all" in args.intervene else tuple(dict.fromkeys(args.intervene))  # None: all that apply
     student, backbone, cfg = load_run(args.run)
@@ -96,7 +96,8 @@ def _intervene(args) -> int:
     split = args.split or (cfg.data.eval_split if args.source is None else None)
     examples = load_examples(source, split=split, trace=cfg.data.trace,
                              limit=args.limit if args.limit is not None else cfg.data.eval_limit)
-    results = evaluate_interventions(student, backbone, cfg, examples, kinds=kinds, batch_size=args.batch_size)
+    results = evaluate_interventions(student, backbone, cfg, examples, kinds=kinds, batch_size=args.batch_size,
+                                     teacher=target_teacher(cfg, student))
     name = "interventions.json" if args.source is None and args.split is None else \
         f"interventions-{Path(str(source)).name.replace(':', '_')}-{split}.json"
     record = {"run": str(args.run), "eval_source": str(source), "eval_split": split, "results": results}

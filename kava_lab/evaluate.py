@@ -39,13 +39,16 @@ def read_prediction(text: str, answer_prompt: str) -> float | None:
 
 @torch.no_grad()
 def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example], batch_size: int = 64,
-             predictions_path: str | Path | None = None, intervene: str | None = None, seed: int = 0) -> dict:
+             predictions_path: str | Path | None = None, intervene: str | None = None, seed: int = 0,
+             teacher=None) -> dict:
     """Evaluate ``student`` (trained as ``cfg.method``) on ``examples``; returns the summary dict.
 
     ``intervene`` (latent methods only): one of :data:`kava_lab.intervene.INTERVENTIONS`, applied to the
     latent cache of every batch before the answer is decoded; the donor of example ``i`` is example
     ``i + 1`` of its batch (see :func:`kava_lab.intervene.donor_index`). ``"target"`` (an oracle, see
-    :data:`kava_lab.intervene.ORACLES`) puts the compressed teacher cache of the gold CoT in the latent slots."""
+    :data:`kava_lab.intervene.ORACLES`) puts the compressed teacher cache of the gold CoT in the latent slots;
+    ``teacher``: the model that cache comes from (default the student's own; see
+    :func:`kava_lab.runs.target_teacher` for a run trained against a frozen teacher)."""
     from .intervene import INTERVENTIONS, ORACLES, apply_intervention, apply_target, donor_index, kv_target
     from .synthetic import counterfactual_answer, n_steps
 
@@ -73,7 +76,7 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
             hook = None
             if intervene == "target":  # the oracle: teacher-forced gold CoT, compressed as in training
                 tbatch = collate([encode(e, tok, cfg.encoding, with_cot=True) for e in chunk], "teacher").to(device)
-                target = kv_target(model, cfg, tbatch, cfg.latent.M)
+                target = kv_target(model if teacher is None else teacher, cfg, tbatch, cfg.latent.M)
                 hook = lambda state, b: apply_target(model, state, b, target, tbatch, cfg.loss.kv_keys)
             elif intervene is not None:
                 hook = lambda state, b: apply_intervention(intervene, model, state, b, seed=seed)
@@ -138,10 +141,11 @@ def check_positions(examples: list[Example], question_tokens: list[int], extra: 
 
 
 def evaluate_interventions(student: Student, backbone, cfg: RunConfig, examples: list[Example],
-                           kinds: tuple[str, ...] | None = None, batch_size: int = 64) -> dict[str, dict]:
+                           kinds: tuple[str, ...] | None = None, batch_size: int = 64,
+                           teacher=None) -> dict[str, dict]:
     """``{"plain": summary, kind: summary, ...}``: the untouched run next to each latent intervention
     (by default all of :data:`kava_lab.intervene.INTERVENTIONS`, and the ``target`` oracle when every example
-    has a reasoning trace and the run has a KV target; none for cot / nocot)."""
+    has a reasoning trace and the run has a KV target; none for cot / nocot). ``teacher``: as in :func:`evaluate`."""
     from .intervene import INTERVENTIONS, ORACLES
 
     out = {"plain": evaluate(student, backbone, cfg, examples, batch_size=batch_size)}
@@ -150,7 +154,8 @@ def evaluate_interventions(student: Student, backbone, cfg: RunConfig, examples:
         kinds = INTERVENTIONS + (ORACLES if with_target else ())
     if cfg.uses_latents:
         for kind in kinds:
-            out[kind] = evaluate(student, backbone, cfg, examples, batch_size=batch_size, intervene=kind)
+            out[kind] = evaluate(student, backbone, cfg, examples, batch_size=batch_size, intervene=kind,
+                                 teacher=teacher)
     return out
 
 

@@ -261,6 +261,16 @@ def ensure_stage0(cfg: RunConfig, log: Callable[[str], None] = print, progress: 
     return model_dir
 
 
+def target_teacher(cfg: RunConfig, student: Student):
+    """The model whose compressed CoT cache the run's KV loss aimed at, for oracles and probes: the student's
+    own model (the shared teacher, the paper), or for ``loss.teacher=frozen`` the model as training started
+    (the stage-0 checkpoint or the backbone, rebuilt; a fresh LoRA adapter starts as the identity)."""
+    if cfg.loss.teacher != "frozen" or not cfg.uses_latents:
+        return student.model
+    device = next(student.model.parameters()).device
+    return build_student(cfg, device=device)[0].model.eval().requires_grad_(False)
+
+
 def load_run(run_dir: str | Path, device=None) -> tuple[Student, Backbone, RunConfig]:
     """Rebuild a trained student from its run folder (config + checkpoint) for evaluation or probing."""
     run_dir = Path(run_dir)

@@ -58,7 +58,10 @@ def _slim(summary: dict) -> dict:
 
 def evaluate_split(student, backbone, cfg, split: str, limit: int, interventions: bool) -> dict:
     examples = load_examples(cfg.data.eval, split=split, trace=cfg.data.trace, limit=limit)
-    results = evaluate_interventions(student, backbone, cfg, examples, kinds=None if interventions else ())
+    from kava_lab.runs import target_teacher
+
+    results = evaluate_interventions(student, backbone, cfg, examples, kinds=None if interventions else (),
+                                     teacher=target_teacher(cfg, student) if interventions else None)
     out = {"plain": _slim(results.pop("plain"))}
     if results:
         out["interventions"] = {kind: _slim(summary) for kind, summary in results.items()}

@@ -29,14 +29,14 @@ sys.path.insert(0, str(ROOT))
 
 from kava_lab import probe  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
-from kava_lab.runs import load_run  # noqa: E402
+from kava_lab.runs import load_run, target_teacher  # noqa: E402
 
 
 def reach(run_dir: str, split: str, limit: int) -> dict:
     t0 = time.perf_counter()
     student, backbone, cfg = load_run(run_dir)
     examples = load_examples(cfg.data.eval, split=split, trace=cfg.data.trace, limit=limit)
-    data = probe.collect(student, backbone, cfg, examples, batch_size=64)
+    data = probe.collect(student, backbone, cfg, examples, batch_size=64, teacher=target_teacher(cfg, student))
     r = probe.value_reach(data.student_values, data.teacher_values, data.slot_mask, kind=cfg.loss.kv_loss)
     idx, valid = data.kept_indices, data.slot_mask[:, None, :]  # [B, L, H, M], [B, 1, M]
     same_heads = float(((idx == idx[:, :, :1]).all(2) & valid).sum() / (valid.sum() * idx.shape[1]).clamp(min=1))

@@ -269,3 +269,46 @@ def test_cli_eval_intervene_prints_and_writes_every_intervention(tmp_path, capsy
     record = json.loads((run / "interventions.json").read_text())
     assert list(record["results"]) == ["plain", "donor", "zero", "mean", "shuffle-slots", "target"]
     assert record["results"]["plain"]["n"] == 6
+
+
+def test_the_target_oracle_reads_the_teacher_the_run_was_trained_against(backbone, monkeypatch):
+    """``evaluate(..., teacher=m)`` compresses ``m``'s CoT cache for the ``target`` oracle (the student's own model
+    by default); :func:`kava_lab.runs.target_teacher` gives the student's model for the shared teacher and, for
+    ``loss.teacher=frozen``, the model as training started (rebuilt), however far the student has moved."""
+    import copy
+
+    import kava_lab.intervene as intervene
+    from kava_lab.runs import build_student, target_teacher
+
+    cfg = dataclasses.replace(get_preset("tiny", "kava", trace="nl"), latent=LatentConfig(mode="jacobi", M=4, T=1),
+                              max_new_tokens=2)
+    student = _student(backbone, M=4, T=1)
+    examples = make_synthetic(3, split="test", trace="nl")
+    seen, real = [], intervene.kv_target
+    monkeypatch.setattr(intervene, "kv_target", lambda model, *a: seen.append(model) or real(model, *a))
+    other = copy.deepcopy(backbone.model)
+    evaluate(student, backbone, cfg, examples, batch_size=3, intervene="target")
+    evaluate(student, backbone, cfg, examples, batch_size=3, intervene="target", teacher=other)
+    assert seen[0] is backbone.model and seen[1] is other
+    from kava_lab import probe
+
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    own, moved = (probe.collect(student, backbone, cfg, examples, teacher=t) for t in (None, other))
+    assert torch.equal(own.student_values, moved.student_values)  # the probe's teacher alone changed
+    assert not torch.allclose(own.teacher_values, moved.teacher_values)
+
+    cfg = dataclasses.replace(get_preset("tiny", "kava", trace="nl"), stage0_steps=0)
+    trained, _ = build_student(cfg)
+    assert target_teacher(cfg, trained) is trained.model
+    start = {k: v.clone() for k, v in trained.model.state_dict().items()}
+    with torch.no_grad():  # training moves the student
+        for p in trained.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    frozen = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, teacher="frozen"))
+    teacher = target_teacher(frozen, trained)
+    assert teacher is not trained.model and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    state = teacher.state_dict()
+    assert state.keys() == start.keys() and all(torch.equal(state[k], start[k]) for k in start)

@@ -88,22 +88,24 @@ class ProbeData:
 
 @torch.no_grad()
 def collect(student, backbone, cfg, examples: Sequence, batch_size: int = 32, compressor=None,
-            progress: Callable[[str], None] | None = None, threads: int | str | None = "auto") -> ProbeData:
+            progress: Callable[[str], None] | None = None, threads: int | str | None = "auto",
+            teacher=None) -> ProbeData:
     """Run teacher (extraction + compression with the run's compressor unless given) and student (recorded
     latent loop, latent K/V, all hidden states) over ``examples``; returns a :class:`ProbeData`.
 
     ``student``/``backbone``/``cfg`` as returned by :func:`kava_lab.runs.load_run`. The teacher is the
-    same model in teacher mode (self-distillation), reading each problem's CoT. ``threads``: torch threads
-    while collecting; ``"auto"`` uses one for models under 20M parameters (on a shared CPU, tiny matmuls
+    same model in teacher mode (self-distillation), reading each problem's CoT, unless ``teacher`` (a model,
+    e.g. :func:`kava_lab.runs.target_teacher` of a run trained against a frozen teacher) is given.
+    ``threads``: torch threads while collecting; ``"auto"`` uses one for models under 20M parameters (on a shared CPU, tiny matmuls
     run several times faster single-threaded) and leaves larger ones alone; None never changes it.
     """
     if threads == "auto":
         threads = 1 if sum(p.numel() for p in student.model.parameters()) < 20_000_000 else None
     with _torch_threads(threads):
-        return _collect(student, backbone, cfg, examples, batch_size, compressor, progress)
+        return _collect(student, backbone, cfg, examples, batch_size, compressor, progress, teacher)
 
 
-def _collect(student, backbone, cfg, examples, batch_size, compressor, progress) -> ProbeData:
+def _collect(student, backbone, cfg, examples, batch_size, compressor, progress, teacher) -> ProbeData:
     from ..compress import compress_extraction, compressor_from_config, get_compressor
     from ..encoding import Collator, encode
     from ..student import stack_kv
@@ -128,7 +130,7 @@ def _collect(student, backbone, cfg, examples, batch_size, compressor, progress)
         items = [encode(e, tok, cfg.encoding, with_cot=True) for e in chunk]
         tb = collate(items, "teacher").to(device)
         sb = collate(items, "student", M=M).to(device)
-        ext = extract_teacher(model, tb)
+        ext = extract_teacher(model if teacher is None else teacher, tb)
         comp = compress_extraction(ext, compressor, M, order=cfg.compress.order, scope=cfg.compress.scope)
         state = student.latent_loop(sb, record=True)
         keys, values = stack_kv(state.cache, sb.P, sb.P + M)
