@@ -110,6 +110,8 @@ class DataConfig:
     train: str = "synthetic"
     train_split: str | None = "train"
     train_limit: int | None = 4000
+    # problems the cached stage 0 trains on (None: train_limit): a run can see more problems than its stage 0
+    stage0_train_limit: int | None = None
     eval: str = "synthetic"
     eval_split: str | None = "test"
     eval_limit: int | None = 300

@@ -194,7 +194,9 @@ def stage0_config(cfg: RunConfig) -> RunConfig:
     from .config import with_method
 
     optim = replace(cfg.optim, steps=cfg.stage0_steps, lr=cfg.stage0_lr or cfg.optim.lr, group_by_length=False)
-    base = replace(cfg, stage0_steps=0, stage0_lr=None, seed=0, data=replace(cfg.data, trace="both"),
+    limit = cfg.data.train_limit if cfg.data.stage0_train_limit is None else cfg.data.stage0_train_limit
+    data = replace(cfg.data, trace="both", train_limit=limit, stage0_train_limit=None)
+    base = replace(cfg, stage0_steps=0, stage0_lr=None, seed=0, data=data,
                    optim=optim, compress=type(cfg.compress)(),
                    loss=type(cfg.loss)(), latent=type(cfg.latent)(),
                    curriculum=type(cfg.curriculum)())

@@ -123,6 +123,10 @@ def test_stage0_key_ignores_defaults_and_latent_settings():
                                  "optim.group_by_length=true", "optim.compile=true"])
     assert stage0_dir(same) == stage0_dir(cfg)  # stage 0 resets these, so it is shared
     assert stage0_dir(apply_overrides(cfg, ["data.train=synthetic:3-6"])) != stage0_dir(cfg)
+    more = apply_overrides(cfg, ["data.train_limit=160000"])  # the run's own problems decide stage 0's ...
+    assert stage0_dir(more) != stage0_dir(cfg)
+    # ... unless stage 0 is given its own number: then it is the usual stage 0 under a run with more problems
+    assert stage0_dir(apply_overrides(more, [f"data.stage0_train_limit={cfg.data.train_limit}"])) == stage0_dir(cfg)
 
 
 @pytest.mark.parametrize("task", ["synthetic", "synthetic:5-8:alternate"])
