@@ -96,8 +96,9 @@ def _intervene(args) -> int:
     split = args.split or (cfg.data.eval_split if args.source is None else None)
     examples = load_examples(source, split=split, trace=cfg.data.trace,
                              limit=args.limit if args.limit is not None else cfg.data.eval_limit)
+    oracle = kinds is None or "target" in kinds  # a frozen-teacher run rebuilds its teacher only for the oracle
     results = evaluate_interventions(student, backbone, cfg, examples, kinds=kinds, batch_size=args.batch_size,
-                                     teacher=target_teacher(cfg, student))
+                                     teacher=target_teacher(cfg, student) if oracle else None)
     name = "interventions.json" if args.source is None and args.split is None else \
         f"interventions-{Path(str(source)).name.replace(':', '_')}-{split}.json"
     record = {"run": str(args.run), "eval_source": str(source), "eval_split": split, "results": results}

@@ -278,6 +278,7 @@ def test_the_target_oracle_reads_the_teacher_the_run_was_trained_against(backbon
     import copy
 
     import kava_lab.intervene as intervene
+    from kava_lab import probe
     from kava_lab.runs import build_student, target_teacher
 
     cfg = dataclasses.replace(get_preset("tiny", "kava", trace="nl"), latent=LatentConfig(mode="jacobi", M=4, T=1),
@@ -290,8 +291,6 @@ def test_the_target_oracle_reads_the_teacher_the_run_was_trained_against(backbon
     evaluate(student, backbone, cfg, examples, batch_size=3, intervene="target")
     evaluate(student, backbone, cfg, examples, batch_size=3, intervene="target", teacher=other)
     assert seen[0] is backbone.model and seen[1] is other
-    from kava_lab import probe
-
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))

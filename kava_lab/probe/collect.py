@@ -96,8 +96,9 @@ def collect(student, backbone, cfg, examples: Sequence, batch_size: int = 32, co
     ``student``/``backbone``/``cfg`` as returned by :func:`kava_lab.runs.load_run`. The teacher is the
     same model in teacher mode (self-distillation), reading each problem's CoT, unless ``teacher`` (a model,
     e.g. :func:`kava_lab.runs.target_teacher` of a run trained against a frozen teacher) is given.
-    ``threads``: torch threads while collecting; ``"auto"`` uses one for models under 20M parameters (on a shared CPU, tiny matmuls
-    run several times faster single-threaded) and leaves larger ones alone; None never changes it.
+    ``threads``: torch threads while collecting; ``"auto"`` uses one for models under 20M parameters (on a
+    shared CPU, tiny matmuls run several times faster single-threaded) and leaves larger ones alone; None never
+    changes it.
     """
     if threads == "auto":
         threads = 1 if sum(p.numel() for p in student.model.parameters()) < 20_000_000 else None
