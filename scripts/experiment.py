@@ -159,7 +159,8 @@ def main(argv=None) -> dict:
     t_stage0 = time.perf_counter()
     student, backbone = build_student(cfg)  # trains and caches stage 0 on first use
     stage0_minutes = (time.perf_counter() - t_stage0) / 60
-    curve = list(previous.get("curve", []))
+    already = (run_dir / "checkpoint" / "step.json").exists()
+    curve = run_curve(run_dir, previous if already else None)
     val_examples = (load_examples(cfg.data.eval, split="val", trace=cfg.data.trace, limit=args.val_limit)
                     if args.eval_every else None)
 
@@ -168,14 +169,16 @@ def main(argv=None) -> dict:
             return  # one voice: rank 0 evaluates and prints while the other ranks wait at the next step
         if args.eval_every and record["step"] % args.eval_every == 0:
             acc = evaluate(student, backbone, cfg, val_examples, batch_size=64)["accuracy"]
-            curve.append({"step": record["step"], "val_accuracy": acc})
+            point = {"step": record["step"], "val_accuracy": acc}
+            curve.append(point)
+            with open(run_dir / CURVE_FILE, "a") as fh:  # survives a crash: a resumed run keeps its points
+                fh.write(json.dumps(point) + "\n")
             print(f"step {record['step']}: val accuracy {acc:.3f}", flush=True)
         if record["step"] % 50 == 0:
             terms = " ".join(f"{k}={record[k]:.4g}" for k in TERMS if k in record)
             print(f"step {record['step']}: {terms} ({record['step_time_s']:.2f} s/step)", flush=True)
 
     t0 = time.perf_counter()
-    already = (run_dir / "checkpoint" / "step.json").exists()
     train(cfg, run_dir, resume=already, student_backbone=(student, backbone), callback=callback,
           log=lambda s: print(s, flush=True))
     train_minutes = (time.perf_counter() - t0) / 60
@@ -186,6 +189,28 @@ def main(argv=None) -> dict:
     if already and previous.get("train_minutes"):
         train_minutes = previous["train_minutes"]  # re-evaluation only
     return record(args, run_dir, record_path, previous, overrides, train_minutes, stage0_minutes, curve)
+
+
+CURVE_FILE = "curve.jsonl"  # in the run folder: one validation point per line, written as it is measured
+
+
+def run_curve(run_dir: Path, previous: dict | None) -> list[dict]:
+    """The validation points a run continues from: none for a fresh run, whatever an earlier record of the same
+    name says (a re-trained run does not extend the curve of one whose folder is gone); for a resumed run
+    (``previous`` given), the points its folder holds up to the checkpoint's step (a point measured after the
+    last checkpoint is measured again), or, for a folder older than the curve file, its record's curve."""
+    if previous is None:
+        return []
+    resumed_at = json.loads((run_dir / "checkpoint" / "step.json").read_text())["step"]
+    path = run_dir / CURVE_FILE
+    if not path.exists():
+        return [p for p in previous.get("curve", []) if p["step"] <= resumed_at]
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            point = json.loads(line)
+            by_step[point["step"]] = point  # a step measured twice (crash after it, before a checkpoint): the last
+    return [by_step[s] for s in sorted(by_step) if s <= resumed_at]
 
 
 def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: list[str],
