@@ -102,7 +102,19 @@ def package_versions() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     versions["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    versions["cpu"] = _cpu_model()  # another CPU can mean other float kernels, so other weights from one config
     return versions
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

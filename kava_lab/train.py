@@ -7,9 +7,9 @@ examples per step as one process with accumulation N x A. bf16 autocast on CUDA,
 cosine decay, gradient clipping, LoRA through peft for pretrained backbones (special-token rows
 trainable), full fine-tuning for the tiny preset.
 
-A run folder holds ``config.json``, ``versions.json``, ``metrics.jsonl`` (every loss term, lr, tokens/s,
-step time) and ``checkpoint/`` (trainable weights, optimizer, scheduler, RNG states, step), written
-atomically. ``train(cfg, out, resume=True)`` continues a run exactly. A non-finite loss stops the run
+A run folder holds ``config.json``, ``versions.json`` (packages, threads, processes), ``metrics.jsonl``
+(every loss term, lr, tokens/s, step time) and ``checkpoint/`` (trainable weights, optimizer, scheduler,
+RNG states, step), written atomically. ``train(cfg, out, resume=True)`` continues a run exactly. A non-finite loss stops the run
 naming the step and the term, keeping the last good checkpoint; any other crash also leaves one.
 """
 
@@ -272,7 +272,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool | str = False,
 
     if accelerator.is_main_process:
         cfg.save(run_dir / "config.json")
-        (run_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+        # the thread count and processes too: the same config trained on 1 or 2 threads gives other weights
+        # (float sums in another order), so a rebuilt stage 0 matches bit for bit only on the same layout
+        versions = {**package_versions(), "torch_threads": torch.get_num_threads(), "processes": world}
+        (run_dir / "versions.json").write_text(json.dumps(versions, indent=2))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

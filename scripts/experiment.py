@@ -191,6 +191,14 @@ def main(argv=None) -> dict:
     return record(args, run_dir, record_path, previous, overrides, train_minutes, stage0_minutes, curve)
 
 
+def _stage0_threads(args) -> int | None:
+    """How many threads the stage 0 this run started from trained on (its last start; None where not written):
+    the same stage-0 config built on another thread count is other weights."""
+    model = getattr(args, "stage0_model", None)
+    versions = Path(model).parent / "run" / "versions.json" if model else None
+    return json.loads(versions.read_text()).get("torch_threads") if versions and versions.exists() else None
+
+
 CURVE_FILE = "curve.jsonl"  # in the run folder: one validation point per line, written as it is measured
 
 
@@ -238,6 +246,7 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
         "steps": cfg.optim.steps, "stage0_steps": cfg.stage0_steps, "stage0_dir": None if args.existing else stage0_dir(cfg).name,
         # the stage-0 build this run started from (or is): rebuilds differ, so comparisons must share it
         "stage0_sha": weights_fingerprint(args.stage0_model) if getattr(args, "stage0_model", None) else None,
+        "stage0_threads": _stage0_threads(args),
         "train_minutes": round(train_minutes, 2), "stage0_minutes_this_call": round(stage0_minutes, 2),
         "run_dir": str(run_dir) if args.existing else previous.get("run_dir"),
         "eval_overrides": list(args.eval_overrides), "max_new_tokens": cfg.max_new_tokens,

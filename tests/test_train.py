@@ -188,3 +188,19 @@ def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
     # batches are not ordered by length: the epoch does not sweep from long to short problems
     means = [sum(lengths[i] for i in b) / B for b in grouped][:GROUP_WINDOW]  # one window, were it unshuffled
     assert means != sorted(means) and means != sorted(means, reverse=True)
+
+
+def test_stage0_rebuilt_on_the_same_threads_is_the_same_model(tmp_path, monkeypatch):
+    """Two builds of one stage-0 config in fresh caches, same thread count: bit-identical weights (the records'
+    ``stage0_sha`` may then be compared across machines); versions.json says the threads it trained on."""
+    from kava_lab.runs import ensure_stage0, weights_fingerprint
+
+    cfg = dataclasses.replace(small_cfg("cot"), stage0_steps=4)
+    shas = []
+    for i in range(2):
+        monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / f"cache{i}"))
+        model = ensure_stage0(cfg, log=lambda s: None, progress=False)
+        shas.append(weights_fingerprint(model))
+        versions = json.loads((model.parent / "run" / "versions.json").read_text())
+        assert versions["torch_threads"] == torch.get_num_threads() and versions["processes"] == 1
+    assert shas[0] == shas[1] and shas[0] is not None
