@@ -49,7 +49,8 @@ def bench_linear(batch: int, seq: int, rounds: int) -> dict:
     x = torch.randn(batch * seq, 128)
     w = torch.randn(384, 128)
     g = torch.randn(batch * seq, 384)
-    parts = {"forward x W^T": lambda: F.linear(x, w), "grad W = g^T x": lambda: g.t() @ x, "grad x = g W": lambda: g @ w}
+    parts = {"forward x W^T": lambda: F.linear(x, w), "grad W = g^T x": lambda: g.t() @ x,
+             "grad x = g W": lambda: g @ w}
     out: dict = {}
     for r in range(rounds + 1):
         for mode in ("ieee", "bf16"):

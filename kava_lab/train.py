@@ -9,8 +9,9 @@ trainable), full fine-tuning for the tiny preset.
 
 A run folder holds ``config.json``, ``versions.json`` (packages, threads, processes), ``metrics.jsonl``
 (every loss term, lr, tokens/s, step time) and ``checkpoint/`` (trainable weights, optimizer, scheduler,
-RNG states, step), written atomically. ``train(cfg, out, resume=True)`` continues a run exactly. A non-finite loss stops the run
-naming the step and the term, keeping the last good checkpoint; any other crash also leaves one.
+RNG states, step), written atomically. ``train(cfg, out, resume=True)`` continues a run exactly. A
+non-finite loss stops the run naming the step and the term, keeping the last good checkpoint; any other
+crash also leaves one.
 """
 
 from __future__ import annotations
