@@ -74,6 +74,11 @@ class LossConfig:
     # the loss: a warm-up in which only the teacher CE and the distillation terms (KV, CODI) train, so the
     # latents learn their target before the answer learns to use (or bypass) them; 0 = off (every preset)
     answer_after: int = 0
+    # read-out loss: the answer CE computed a second time with the latent slots' K/V replaced by the (detached)
+    # compressed KV target, placed as loss.kv_keys compares them (the `target` oracle's layout), so the answer
+    # pass learns to read target-like latents; training only, never at evaluation. Not scaled by the
+    # answer_after warm-up. 0 = off (every preset)
+    a_target: float = 0.0
 
 
 @dataclass(frozen=True)

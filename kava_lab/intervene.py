@@ -156,12 +156,12 @@ def kv_target(model, cfg, teacher_batch: Batch, M: int):
     return compress_target(extract_teacher(model, teacher_batch, with_logits=False), cfg, M)
 
 
-@torch.no_grad()
-def apply_target(model, state, batch: Batch, target, teacher_batch: Batch, kv_keys: str = "post_rope") -> None:
-    """The ``target`` oracle: latent columns ``[P, P + M)`` of ``state.cache`` <- ``target`` (from
-    :func:`kava_lab.intervene.kv_target` on the same examples), keys placed as the KV loss compares them."""
+def target_in_slots(model, keys: torch.Tensor, values: torch.Tensor, target, batch: Batch, teacher_batch: Batch,
+                    kv_keys: str = "post_rope") -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent K/V ``[B, L, H_kv, M, d]`` with ``target``'s entries in the slots it fills, keys placed as the KV
+    loss compares them (post-RoPE as cached, or pre-RoPE rotated to the slot positions); the slots the target
+    leaves empty keep ``keys`` / ``values`` (the student's own)."""
     P, M = batch.P, batch.M
-    keys, values = stack_kv(state.cache, P, P + M)  # the student's own: kept where the target has no entry
     t_keys, t_values = target.keys.to(keys.dtype), target.values.to(values.dtype)
     if kv_keys == "pre_rope":
         t_pos = kept_positions(target.indices, teacher_batch)  # [B, L, H, M]
@@ -170,4 +170,13 @@ def apply_target(model, state, batch: Batch, target, teacher_batch: Batch, kv_ke
     elif kv_keys != "post_rope":
         raise ValueError(f"kv_keys must be 'post_rope' or 'pre_rope', found {kv_keys!r}")
     valid = target.slot_mask[..., None]  # [B, L, H, M, 1]
-    write_latents(state.cache, P, M, torch.where(valid, t_keys, keys), torch.where(valid, t_values, values))
+    return torch.where(valid, t_keys, keys), torch.where(valid, t_values, values)
+
+
+@torch.no_grad()
+def apply_target(model, state, batch: Batch, target, teacher_batch: Batch, kv_keys: str = "post_rope") -> None:
+    """The ``target`` oracle: latent columns ``[P, P + M)`` of ``state.cache`` <- ``target`` (from
+    :func:`kava_lab.intervene.kv_target` on the same examples), keys placed as the KV loss compares them."""
+    P, M = batch.P, batch.M
+    keys, values = stack_kv(state.cache, P, P + M)  # the student's own: kept where the target has no entry
+    write_latents(state.cache, P, M, *target_in_slots(model, keys, values, target, batch, teacher_batch, kv_keys))

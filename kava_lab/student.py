@@ -103,6 +103,7 @@ class StudentOutput:
     forward_passes: int
     latents: torch.Tensor  # [B, M, D]
     trajectory: list[dict] = field(default_factory=list)
+    latent_cache: object = None  # [question, <bot>, M latents] before the answer (a fork: the answer left it alone)
 
 
 class Student(nn.Module):
@@ -184,14 +185,23 @@ class Student(nn.Module):
         P, M = batch.P, batch.M
         state = self.latent_loop(batch, record=record, question_cache=question_cache)
         keys, values = stack_kv(state.cache, P, P + M)
+        latent_cache = fork_cache(state.cache)
+        ce, anchor_hidden = self.answer(batch, state.cache)
+        return StudentOutput(ce=ce, latent_keys=keys, latent_values=values, anchor_hidden=anchor_hidden,
+                             forward_passes=state.forward_passes + 1, latents=state.latents,
+                             trajectory=state.trajectory, latent_cache=latent_cache)
+
+    def answer(self, batch: Batch, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher-forced answer pass ``[<eot>, prompt, answer, eos]`` on top of ``cache`` (holding
+        ``[question, <bot>, M latents]``; extended in place): the answer CE ``[]`` and the hidden states of
+        every layer at the last answer-prompt token ``[B, L, D]``."""
+        P, M = batch.P, batch.M
         out = self.model(input_ids=batch.input_ids[:, P + M:], attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids[:, P + M:], past_key_values=state.cache,
+                         position_ids=batch.position_ids[:, P + M:], past_key_values=cache,
                          labels=batch.labels[:, P + M:], use_cache=True, output_hidden_states=True)
         hidden = torch.stack(out.hidden_states[1:], 1)  # [B, L, S', D]
         anchor = (batch.anchor - (P + M))[:, None, None, None].expand(-1, hidden.shape[1], 1, hidden.shape[-1])
-        return StudentOutput(ce=out.loss, latent_keys=keys, latent_values=values,
-                             anchor_hidden=hidden.gather(2, anchor)[:, :, 0], forward_passes=state.forward_passes + 1,
-                             latents=state.latents, trajectory=state.trajectory)
+        return out.loss, hidden.gather(2, anchor)[:, :, 0]
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()

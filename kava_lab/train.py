@@ -98,7 +98,11 @@ class KaVaObjective(nn.Module):
         super().__init__()
         self.student = student
         self.cfg = cfg
-        self.compressor = make_compressor(cfg) if cfg.loss.a2 > 0 else None
+        if cfg.loss.a_target < 0 or (cfg.loss.a_target and not cfg.uses_latents):
+            raise ValueError(f"loss.a_target must be >= 0 and needs a latent method, found {cfg.loss.a_target} with "
+                             f"method {cfg.method!r}")
+        # the compressed target feeds the KV term (a2) and the read-out loss (a_target)
+        self.compressor = make_compressor(cfg) if cfg.loss.a2 > 0 or cfg.loss.a_target > 0 else None
         if cfg.loss.teacher not in ("shared", "frozen"):
             raise ValueError(f"loss.teacher must be 'shared' or 'frozen', found {cfg.loss.teacher!r}")
         # a submodule (devices follow it) whose weights require no grad, so the optimizer never sees them
@@ -131,7 +135,7 @@ class KaVaObjective(nn.Module):
         teacher.cache = None
         codi = (codi_loss(student.anchor_hidden, teacher.anchor_hidden, cfg.loss.codi_norm)
                 if cfg.loss.a1 > 0 else None)
-        kv = None
+        kv = target_ce = None
         if self.compressor is not None:
             kv_source = teacher
             if student_batch.cot_latent_len is not None:  # curriculum: only the replaced steps are a target
@@ -141,30 +145,49 @@ class KaVaObjective(nn.Module):
             with torch.no_grad():
                 target = compress_extraction(kv_source, self.compressor, student_batch.M, order=cfg.compress.order,
                                              scope=cfg.compress.scope)
-            s_keys, t_keys = student.latent_keys, target.keys
-            if cfg.loss.kv_keys == "pre_rope":
-                s_keys, t_keys = pre_rope_keys(model, s_keys, t_keys, target.indices, student_batch, teacher_batch)
-            elif cfg.loss.kv_keys != "post_rope":
-                raise ValueError(f"loss.kv_keys must be 'post_rope' or 'pre_rope', found {cfg.loss.kv_keys!r}")
-            weights = None
-            if cfg.loss.kv_weight == "importance":  # the entries the teacher's answer reads dominate
-                with torch.no_grad():
-                    weights = importance_weights(extraction_importance(kv_source), target.indices,
-                                                 target.slot_mask)
-            elif cfg.loss.kv_weight != "uniform":
-                raise ValueError(f"loss.kv_weight must be 'uniform' or 'importance', found {cfg.loss.kv_weight!r}")
-            kv = kv_loss(s_keys, student.latent_values, t_keys, target.values, target.slot_mask,
-                         kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std, weights=weights)
-            kv_floor = kv_content_floor(t_keys, target.values, target.slot_mask, kind=cfg.loss.kv_loss,
-                                        layer_std=cfg.loss.layer_std, weights=weights)
+            if cfg.loss.a2 > 0:
+                kv, kv_floor = self._kv_terms(student, target, kv_source, student_batch, teacher_batch)
+            if cfg.loss.a_target > 0:
+                target_ce = self._target_ce(student, target, student_batch, teacher_batch)
         step_ce = (step_decoding_loss(model, student.latents, teacher_batch, student_batch.cot_latent_len)
                    if cfg.loss.a_step > 0 else None)
         warm = step is not None and step < cfg.loss.answer_after  # KV/CODI warm-up: the answer CE trains nothing
         terms = kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv, step_ce,
-                               answer_weight=0.0 if warm else 1.0)
+                               answer_weight=0.0 if warm else 1.0, target_ce=target_ce)
         if kv is not None:
             terms["kv_floor"] = kv_floor  # diagnostic only: not in the loss (losses.kv_content_floor)
         return terms
+
+    def _kv_terms(self, student, target, kv_source, student_batch, teacher_batch):
+        """The KV loss ``[]`` between the student's latent K/V and ``target``, and its content-free floor."""
+        cfg, model = self.cfg, self.student.model
+        s_keys, t_keys = student.latent_keys, target.keys
+        if cfg.loss.kv_keys == "pre_rope":
+            s_keys, t_keys = pre_rope_keys(model, s_keys, t_keys, target.indices, student_batch, teacher_batch)
+        elif cfg.loss.kv_keys != "post_rope":
+            raise ValueError(f"loss.kv_keys must be 'post_rope' or 'pre_rope', found {cfg.loss.kv_keys!r}")
+        weights = None
+        if cfg.loss.kv_weight == "importance":  # the entries the teacher's answer reads dominate
+            with torch.no_grad():
+                weights = importance_weights(extraction_importance(kv_source), target.indices, target.slot_mask)
+        elif cfg.loss.kv_weight != "uniform":
+            raise ValueError(f"loss.kv_weight must be 'uniform' or 'importance', found {cfg.loss.kv_weight!r}")
+        kv = kv_loss(s_keys, student.latent_values, t_keys, target.values, target.slot_mask,
+                     kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std, weights=weights)
+        return kv, kv_content_floor(t_keys, target.values, target.slot_mask, kind=cfg.loss.kv_loss,
+                                    layer_std=cfg.loss.layer_std, weights=weights)
+
+    def _target_ce(self, student, target, student_batch, teacher_batch) -> torch.Tensor:
+        """``loss.a_target``: the answer CE ``[]`` read from ``[question, <bot>, target in the M slots]`` (the
+        ``target`` oracle's layout, :func:`kava_lab.intervene.target_in_slots`). The target is detached, so this
+        trains how the answer pass reads latent slots (and the question columns it attends to)."""
+        from .intervene import target_in_slots, write_latents
+
+        keys, values = target_in_slots(self.student.model, student.latent_keys, student.latent_values, target,
+                                       student_batch, teacher_batch, self.cfg.loss.kv_keys)
+        cache = student.latent_cache
+        write_latents(cache, student_batch.P, student_batch.M, keys.detach(), values.detach())
+        return self.student.answer(student_batch, cache)[0]
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -301,3 +301,47 @@ def test_compiled_blocks_give_the_same_losses_and_gradients(family_paths):
     for n in g1:
         assert torch.allclose(g1[n], g2[n], rtol=1e-3, atol=1e-5), n
     assert not any(k.startswith("_orig_mod") for k in b.model.state_dict())  # checkpoints load either way
+
+
+@pytest.mark.parametrize("kv_keys", ["post_rope", "pre_rope"])
+def test_read_out_loss_is_the_answer_ce_from_the_target_oracle_cache(tiny_backbone, kv_keys):
+    """loss.a_target: the term is the answer CE the ``target`` oracle's cache gives (question, <bot>, the KV target
+    in the slots, placed as the KV loss compares keys), it enters the loss with weight a_target, and it trains
+    the read-out only: no gradient reaches the latent projection (the target is detached). With a2=0 the target
+    is still built, with no KV term."""
+    from kava_lab.config import LossConfig
+    from kava_lab.intervene import apply_target, kv_target
+    from kava_lab.student import Student
+    from kava_lab.train import KaVaObjective
+
+    b = tiny_backbone
+    base = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(base, latent=LatentConfig(mode="jacobi", M=4, T=1),
+                              loss=dataclasses.replace(base.loss, kv_keys=kv_keys, a2=10.0, a_target=0.5))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(4, trace="nl", min_steps=3, max_steps=5)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    student = Student(b.model, cfg.latent, b.eos_id, b.eot_id).eval()
+    terms = KaVaObjective(student, cfg)(tb, sb)
+    rest = terms["teacher_ce"] + terms["student_ce"] + cfg.loss.a1 * terms["codi"] + 10.0 * terms["kv"]
+    assert torch.allclose(terms["loss"], rest + 0.5 * terms["target_ce"])
+    with torch.no_grad():  # the oracle's cache, built by the evaluation code
+        state = student.latent_loop(sb)
+        apply_target(b.model, state, sb, kv_target(b.model, cfg, tb, 4), tb, kv_keys)
+        oracle_ce = student.answer(sb, state.cache)[0]
+    assert torch.allclose(terms["target_ce"], oracle_ce, atol=1e-4)
+    assert terms["target_ce"].item() != terms["student_ce"].item()  # other slots (random weights: barely)
+    b.model.zero_grad()
+    student.projection.zero_grad()
+    terms["target_ce"].backward()
+    grads = [p.grad for p in student.projection.parameters()]
+    assert all(g is None or g.abs().sum() == 0 for g in grads)  # the latents are not what it trains
+    assert b.model.get_output_embeddings().weight.grad.abs().sum() > 0
+    b.model.zero_grad()
+    only = KaVaObjective(student, dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, a2=0.0)))(tb, sb)
+    assert "kv" not in only and torch.isfinite(only["target_ce"])
+    nocot = get_preset("tiny", "nocot", trace="nl")
+    for bad in (dataclasses.replace(cfg, loss=LossConfig(a_target=-1.0)),
+                dataclasses.replace(nocot, loss=LossConfig(a_target=1.0))):
+        with pytest.raises(ValueError, match="a_target"):
+            KaVaObjective(student, bad)
