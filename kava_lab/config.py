@@ -79,6 +79,11 @@ class LossConfig:
     # pass learns to read target-like latents; training only, never at evaluation. Not scaled by the
     # answer_after warm-up. 0 = off (every preset)
     a_target: float = 0.0
+    # teacher-forced latent pass: the final latent inputs run once more over [question, <bot>, target in the M
+    # slots] (detached), slot j reading the question, the target slots < j and itself, and the KV loss (same keys,
+    # weights, normalisation) compares what they write with the target: each slot learns its target from the
+    # true compressed past. Training only. 0 = off (every preset)
+    a_tf: float = 0.0
 
 
 @dataclass(frozen=True)

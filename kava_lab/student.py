@@ -203,6 +203,26 @@ class Student(nn.Module):
         anchor = (batch.anchor - (P + M))[:, None, None, None].expand(-1, hidden.shape[1], 1, hidden.shape[-1])
         return out.loss, hidden.gather(2, anchor)[:, :, 0]
 
+    def forced_pass(self, batch: Batch, cache, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A teacher-forced latent pass (``loss.a_tf``): ``latents`` ``[B, M, D]`` run at the latent positions on
+        top of ``cache`` (``[question, <bot>, M given slots]``, extended in place), under a mask by which slot j
+        reads the question, the cache's slots < j and its own new column, never the other new ones. Returns the
+        new columns' keys and values ``[B, L, H_kv, M, d]``: what each slot writes given the cached past."""
+        P, M = batch.P, batch.M
+        if cache.get_seq_length() != P + M:
+            raise ValueError(f"forced_pass needs a cache of the question and {M} slots ({P + M} columns), "
+                             f"found {cache.get_seq_length()}")
+        B, dtype = latents.shape[0], latents.dtype
+        question = batch.attention_mask[:, None, None, :P].bool().expand(B, 1, M, P)
+        earlier = torch.ones(M, M, dtype=torch.bool, device=latents.device).tril(-1)  # slot j reads slots < j
+        own = torch.eye(M, dtype=torch.bool, device=latents.device)
+        allowed = torch.cat([question, earlier.expand(B, 1, M, M), own.expand(B, 1, M, M)], -1)  # [B, 1, M, P+2M]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=latents.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)  # additive: eager and SDPA attention read it as-is
+        out = self.model(inputs_embeds=latents, attention_mask=mask, position_ids=batch.position_ids[:, P:P + M],
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return stack_kv(out.past_key_values, P + M, P + 2 * M)
+
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 16, latent_hook=None) -> "Generation":

@@ -46,7 +46,7 @@ from .runs import (  # noqa: F401  (re-exported: run folders live in runs.py)
     load_trainable, load_train_examples, package_versions, read_metrics, save_checkpoint, stage0_config, stage0_dir,
     trainable_state,
 )
-from .student import Student
+from .student import Student, fork_cache
 from .teacher import extract_teacher
 
 
@@ -84,8 +84,6 @@ def question_columns(cache, teacher_batch, student_batch):
         return None
     if not torch.equal(student_batch.input_ids[:, :teacher_batch.P], teacher_batch.input_ids[:, :teacher_batch.P]):
         return None
-    from .student import fork_cache
-
     question = fork_cache(cache)
     question.crop(-(question.get_seq_length() - teacher_batch.P))
     return question
@@ -98,11 +96,13 @@ class KaVaObjective(nn.Module):
         super().__init__()
         self.student = student
         self.cfg = cfg
-        if cfg.loss.a_target < 0 or (cfg.loss.a_target and not cfg.uses_latents):
-            raise ValueError(f"loss.a_target must be >= 0 and needs a latent method, found {cfg.loss.a_target} with "
-                             f"method {cfg.method!r}")
-        # the compressed target feeds the KV term (a2) and the read-out loss (a_target)
-        self.compressor = make_compressor(cfg) if cfg.loss.a2 > 0 or cfg.loss.a_target > 0 else None
+        for name in ("a_target", "a_tf"):
+            weight = getattr(cfg.loss, name)
+            if weight < 0 or (weight and not cfg.uses_latents):
+                raise ValueError(f"loss.{name} must be >= 0 and needs a latent method, found {weight} with "
+                                 f"method {cfg.method!r}")
+        # the compressed target feeds the KV term (a2), the read-out loss (a_target) and the forced pass (a_tf)
+        self.compressor = make_compressor(cfg) if max(cfg.loss.a2, cfg.loss.a_target, cfg.loss.a_tf) > 0 else None
         if cfg.loss.teacher not in ("shared", "frozen"):
             raise ValueError(f"loss.teacher must be 'shared' or 'frozen', found {cfg.loss.teacher!r}")
         # a submodule (devices follow it) whose weights require no grad, so the optimizer never sees them
@@ -135,7 +135,7 @@ class KaVaObjective(nn.Module):
         teacher.cache = None
         codi = (codi_loss(student.anchor_hidden, teacher.anchor_hidden, cfg.loss.codi_norm)
                 if cfg.loss.a1 > 0 else None)
-        kv = target_ce = None
+        kv = target_ce = kv_tf = None
         if self.compressor is not None:
             kv_source = teacher
             if student_batch.cot_latent_len is not None:  # curriculum: only the replaced steps are a target
@@ -146,22 +146,26 @@ class KaVaObjective(nn.Module):
                 target = compress_extraction(kv_source, self.compressor, student_batch.M, order=cfg.compress.order,
                                              scope=cfg.compress.scope)
             if cfg.loss.a2 > 0:
-                kv, kv_floor = self._kv_terms(student, target, kv_source, student_batch, teacher_batch)
+                kv, kv_floor = self._kv_terms(student.latent_keys, student.latent_values, target, kv_source,
+                                              student_batch, teacher_batch)
+            if cfg.loss.a_tf > 0:
+                kv_tf = self._forced_kv(student, target, kv_source, student_batch, teacher_batch)
             if cfg.loss.a_target > 0:
                 target_ce = self._target_ce(student, target, student_batch, teacher_batch)
         step_ce = (step_decoding_loss(model, student.latents, teacher_batch, student_batch.cot_latent_len)
                    if cfg.loss.a_step > 0 else None)
         warm = step is not None and step < cfg.loss.answer_after  # KV/CODI warm-up: the answer CE trains nothing
         terms = kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv, step_ce,
-                               answer_weight=0.0 if warm else 1.0, target_ce=target_ce)
+                               answer_weight=0.0 if warm else 1.0, target_ce=target_ce, kv_tf=kv_tf)
         if kv is not None:
             terms["kv_floor"] = kv_floor  # diagnostic only: not in the loss (losses.kv_content_floor)
         return terms
 
-    def _kv_terms(self, student, target, kv_source, student_batch, teacher_batch):
-        """The KV loss ``[]`` between the student's latent K/V and ``target``, and its content-free floor."""
+    def _kv_terms(self, s_keys, s_values, target, kv_source, student_batch, teacher_batch):
+        """The KV loss ``[]`` between latent K/V ``s_keys`` / ``s_values`` ``[B, L, H, M, d]`` and ``target``, and
+        its content-free floor."""
         cfg, model = self.cfg, self.student.model
-        s_keys, t_keys = student.latent_keys, target.keys
+        t_keys = target.keys
         if cfg.loss.kv_keys == "pre_rope":
             s_keys, t_keys = pre_rope_keys(model, s_keys, t_keys, target.indices, student_batch, teacher_batch)
         elif cfg.loss.kv_keys != "post_rope":
@@ -172,10 +176,25 @@ class KaVaObjective(nn.Module):
                 weights = importance_weights(extraction_importance(kv_source), target.indices, target.slot_mask)
         elif cfg.loss.kv_weight != "uniform":
             raise ValueError(f"loss.kv_weight must be 'uniform' or 'importance', found {cfg.loss.kv_weight!r}")
-        kv = kv_loss(s_keys, student.latent_values, t_keys, target.values, target.slot_mask,
+        kv = kv_loss(s_keys, s_values, t_keys, target.values, target.slot_mask,
                      kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std, weights=weights)
         return kv, kv_content_floor(t_keys, target.values, target.slot_mask, kind=cfg.loss.kv_loss,
                                     layer_std=cfg.loss.layer_std, weights=weights)
+
+    def _forced_kv(self, student, target, kv_source, student_batch, teacher_batch) -> torch.Tensor:
+        """``loss.a_tf``: the KV loss ``[]`` of a teacher-forced latent pass. The final latent inputs run once more
+        over ``[question, <bot>, target in the M slots]`` (the ``target`` oracle's layout, detached), slot j
+        reading the question, the target slots < j and itself (:meth:`Student.forced_pass`), so each slot learns
+        to write its target from the true compressed past, as CoT training reads the true tokens before each
+        position."""
+        from .intervene import target_in_slots, write_latents
+
+        keys, values = target_in_slots(self.student.model, student.latent_keys, student.latent_values, target,
+                                       student_batch, teacher_batch, self.cfg.loss.kv_keys)
+        cache = fork_cache(student.latent_cache)
+        write_latents(cache, student_batch.P, student_batch.M, keys.detach(), values.detach())
+        f_keys, f_values = self.student.forced_pass(student_batch, cache, student.latents)
+        return self._kv_terms(f_keys, f_values, target, kv_source, student_batch, teacher_batch)[0]
 
     def _target_ce(self, student, target, student_batch, teacher_batch) -> torch.Tensor:
         """``loss.a_target``: the answer CE ``[]`` read from ``[question, <bot>, target in the M slots]`` (the
@@ -185,7 +204,7 @@ class KaVaObjective(nn.Module):
 
         keys, values = target_in_slots(self.student.model, student.latent_keys, student.latent_values, target,
                                        student_batch, teacher_batch, self.cfg.loss.kv_keys)
-        cache = student.latent_cache
+        cache = fork_cache(student.latent_cache)
         write_latents(cache, student_batch.P, student_batch.M, keys.detach(), values.detach())
         return self.student.answer(student_batch, cache)[0]
 

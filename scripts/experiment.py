@@ -39,7 +39,8 @@ from kava_lab.evaluate import evaluate, evaluate_interventions  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
 
 
-TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv", "kv_floor", "step_ce", "target_ce")  # logged loss terms
+# logged loss terms
+TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv", "kv_floor", "step_ce", "target_ce", "kv_tf")
 
 
 def _git_commit() -> str | None:

@@ -345,3 +345,53 @@ def test_read_out_loss_is_the_answer_ce_from_the_target_oracle_cache(tiny_backbo
                 dataclasses.replace(nocot, loss=LossConfig(a_target=1.0))):
         with pytest.raises(ValueError, match="a_target"):
             KaVaObjective(student, bad)
+
+
+def test_forced_pass_loss_is_the_kv_loss_of_the_teacher_forced_slots(tiny_backbone):
+    """loss.a_tf: the term is the KV loss (same keys, weights, normalisation) between what the final latent inputs
+    write over [question, <bot>, target in the slots] (Student.forced_pass) and the target; it enters the loss
+    with weight a_tf and, unlike the read-out loss, trains the latent loop (the projection gets a gradient). It
+    needs no KV term (a2=0) and refuses a negative weight or a method without latents."""
+    from kava_lab.config import LossConfig
+    from kava_lab.intervene import kv_target, target_in_slots, write_latents
+    from kava_lab.student import Student, fork_cache
+    from kava_lab.teacher import extract_teacher
+    from kava_lab.train import KaVaObjective
+
+    b = tiny_backbone
+    base = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(base, latent=LatentConfig(mode="jacobi", M=4, T=1),
+                              loss=dataclasses.replace(base.loss, kv_keys="pre_rope", kv_weight="importance",
+                                                       a2=10.0, a_tf=3.0))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(4, trace="nl", min_steps=3, max_steps=5)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    student = Student(b.model, cfg.latent, b.eos_id, b.eot_id).eval()
+    objective = KaVaObjective(student, cfg)
+    terms = objective(tb, sb)
+    rest = terms["teacher_ce"] + terms["student_ce"] + cfg.loss.a1 * terms["codi"] + 10.0 * terms["kv"]
+    assert torch.allclose(terms["loss"], rest + 3.0 * terms["kv_tf"])
+    assert torch.isfinite(terms["kv_tf"]) and terms["kv_tf"].item() != terms["kv"].item()
+    with torch.no_grad():  # the same term rebuilt by hand from the evaluation code's target
+        out = student(sb)
+        target = kv_target(b.model, cfg, tb, 4)
+        keys, values = target_in_slots(b.model, out.latent_keys, out.latent_values, target, sb, tb, "pre_rope")
+        cache = fork_cache(out.latent_cache)
+        write_latents(cache, sb.P, sb.M, keys, values)
+        f_keys, f_values = student.forced_pass(sb, cache, out.latents)
+        extraction = extract_teacher(b.model, tb, with_grad=False, keep_cache=False, with_logits=False)
+        by_hand = objective._kv_terms(f_keys, f_values, target, extraction, sb, tb)[0]
+    assert torch.allclose(terms["kv_tf"], by_hand, atol=1e-5)
+    b.model.zero_grad()
+    student.projection.zero_grad()
+    terms["kv_tf"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.projection.parameters())
+    b.model.zero_grad()
+    student.projection.zero_grad()
+    only = KaVaObjective(student, dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, a2=0.0)))(tb, sb)
+    assert "kv" not in only and torch.isfinite(only["kv_tf"])
+    nocot = get_preset("tiny", "nocot", trace="nl")
+    for bad in (dataclasses.replace(cfg, loss=LossConfig(a_tf=-1.0)),
+                dataclasses.replace(nocot, loss=LossConfig(a_tf=1.0))):
+        with pytest.raises(ValueError, match="a_tf"):
+            KaVaObjective(student, bad)

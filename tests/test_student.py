@@ -181,3 +181,59 @@ def test_soft_token_input_is_the_predicted_embedding_mixture(bb):
         Student(bb.model, LatentConfig(input="hidden"), eos_id=bb.eos_id, eot_id=bb.eot_id)
     with pytest.raises(ValueError, match="latent.tau"):
         Student(bb.model, LatentConfig(input="soft_token", tau=0.0), eos_id=bb.eos_id, eot_id=bb.eot_id)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_forced_pass_reads_the_question_the_given_earlier_slots_and_itself(tiny_backbone, attn):
+    """Student.forced_pass (loss.a_tf): slot j's K/V equal a plain causal pass of latent j alone over
+    [question, <bot>, given slots < j], in both attention implementations; later given slots and other slots'
+    latent inputs do not reach it."""
+    import copy
+
+    from kava_lab.intervene import write_latents
+    from kava_lab.student import Student, fork_cache, stack_kv
+
+    b = copy.copy(tiny_backbone)
+    b.model = copy.deepcopy(tiny_backbone.model)
+    b.model.config._attn_implementation = attn
+    M = 4
+    items = [encode(e, b.tokenizer) for e in make_synthetic(3, trace="nl", min_steps=2, max_steps=4, seed=5)]
+    sb = Collator.for_backbone(b)(items, "student", M=M)
+    student = Student(b.model, LatentConfig(mode="jacobi", M=M, T=1), b.eos_id, b.eot_id).eval()
+    P = sb.P
+    torch.manual_seed(0)
+    with torch.no_grad():
+        state = student.latent_loop(sb)
+        question = fork_cache(state.cache)
+        question.crop(-M)  # [question, <bot>]: P columns
+        keys, values = stack_kv(state.cache, P, P + M)
+        given_k, given_v = torch.randn_like(keys), torch.randn_like(values)  # any slots: not the student's own
+        latents = torch.randn_like(state.latents)
+
+        def forced(gk, gv, z):
+            cache = fork_cache(question)
+            write_latents(cache, P, M, gk, gv)
+            return student.forced_pass(sb, cache, z)
+
+        fk, fv = forced(given_k, given_v, latents)
+        assert fk.shape == keys.shape and fv.shape == values.shape
+        for j in range(M):  # reference: latent j alone after the given slots < j
+            cache = fork_cache(question)
+            if j:
+                write_latents(cache, P, j, given_k[:, :, :, :j], given_v[:, :, :, :j])
+            out = b.model(inputs_embeds=latents[:, j:j + 1], attention_mask=sb.attention_mask[:, :P + j + 1],
+                          position_ids=sb.position_ids[:, P + j:P + j + 1], past_key_values=cache, use_cache=True)
+            rk, rv = stack_kv(out.past_key_values, P + j, P + j + 1)
+            assert torch.allclose(fk[:, :, :, j:j + 1], rk, atol=1e-5), j
+            assert torch.allclose(fv[:, :, :, j:j + 1], rv, atol=1e-5), j
+        later_k = given_k.clone()
+        later_k[:, :, :, 2:] += 1.0  # given slots >= 2 changed: slots 0-2 write the same
+        other = latents.clone()
+        other[:, 3] += 1.0  # latent 3's input changed: slots 0-2 write the same
+        for gk, z in ((later_k, latents), (given_k, other)):
+            k2, v2 = forced(gk, given_v, z)
+            assert torch.allclose(k2[:, :, :, :3], fk[:, :, :, :3], atol=1e-6)
+            assert torch.allclose(v2[:, :, :, :3], fv[:, :, :, :3], atol=1e-6)
+        assert not torch.allclose(forced(later_k, given_v, latents)[0][:, :, :, 3], fk[:, :, :, 3])
+        with pytest.raises(ValueError, match="forced_pass"):
+            student.forced_pass(sb, fork_cache(question), latents)
