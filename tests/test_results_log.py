@@ -127,3 +127,38 @@ def test_kv_reach_script_reports_every_slot_and_layer(tmp_path, monkeypatch):
     module.main([str(run), "--limit", "8", "--out", str(out), "--merge"])
     assert [(r["run"], r["ratio"]) for r in json.loads(out.read_text())] == [("other-run", row["ratio"]),
                                                                            (row["run"], row["ratio"])]
+
+
+def test_hop_probe_script_probes_each_step_at_four_sites(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    from kava_lab.loaders import load_examples
+    from kava_lab.runs import load_run
+    from kava_lab.train import train
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train import small_cfg
+
+    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
+    run = train(small_cfg(steps=2), tmp_path / "run", log=lambda s: None)
+    spec = importlib.util.spec_from_file_location("hop_probe", ROOT / "scripts" / "hop_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "hops.json"
+    [row] = module.main([str(run), "--limit", "40", "--out", str(out)])
+    assert row["n"] == 40 and row["M"] == 4 and out.exists()
+    for site in ("latents", "bot", "student_values", "target_values"):
+        steps = [r["step"] for r in row[site]]
+        assert steps[0] == "step 1" and steps[-1] == "answer", site
+        assert all(0 <= r["accuracy"] <= 1 and 0 <= r["control"] <= 1 for r in row[site]), site
+    # the <bot> column does not depend on how the batch is padded: one example alone = the same in a batch
+    student, backbone, cfg = load_run(run)
+    examples = load_examples(cfg.data.eval, split="val", trace=cfg.data.trace, limit=6)
+    together = module.bot_hidden(student, backbone, cfg, examples)
+    alone = torch.cat([module.bot_hidden(student, backbone, cfg, [e]) for e in examples])
+    assert together.shape == alone.shape and together.shape[2] == 1
+    assert torch.allclose(together, alone, atol=1e-4)
+    bot = student.model.get_input_embeddings().weight[backbone.bot_id].detach()  # layer 0 is the <bot> embedding
+    assert torch.allclose(together[:, 0, 0], bot.expand_as(together[:, 0, 0]))
