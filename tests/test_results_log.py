@@ -162,3 +162,27 @@ def test_hop_probe_script_probes_each_step_at_four_sites(tmp_path, monkeypatch):
     assert torch.allclose(together, alone, atol=1e-4)
     bot = student.model.get_input_embeddings().weight[backbone.bot_id].detach()  # layer 0 is the <bot> embedding
     assert torch.allclose(together[:, 0, 0], bot.expand_as(together[:, 0, 0]))
+
+
+def test_input_reach_script_fits_inputs_under_the_loop(tmp_path, monkeypatch):
+    """scripts/input_reach.py: with no fitting steps the free causal pass of the loop's own inputs is the loop's
+    final pass (the same ratio) and the forced figures agree; a few Adam steps on the inputs lower the ratio."""
+    import sys
+
+    from kava_lab.train import train
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train import small_cfg
+
+    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
+    run = train(small_cfg(steps=2), tmp_path / "run", log=lambda s: None)
+    spec = importlib.util.spec_from_file_location("input_reach", ROOT / "scripts" / "input_reach.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    [still] = module.main([str(run), "--limit", "8", "--steps", "0"])
+    assert abs(still["fitted"] - still["loop"]) < 1e-4 and abs(still["fitted_forced"] - still["loop_forced"]) < 1e-4
+    assert still["loop"] > 0 and still["loop_forced"] > 0
+    out = tmp_path / "reach.json"
+    [fit] = module.main([str(run), "--limit", "8", "--steps", "20", "--out", str(out)])
+    assert fit["fitted"] < 0.9 * fit["loop"] and fit["fitted_forced"] < 0.9 * fit["loop_forced"]
+    assert json.loads(out.read_text())[0]["run"] == run.name
