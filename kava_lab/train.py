@@ -187,12 +187,7 @@ class KaVaObjective(nn.Module):
         reading the question, the target slots < j and itself (:meth:`Student.forced_pass`), so each slot learns
         to write its target from the true compressed past, as CoT training reads the true tokens before each
         position."""
-        from .intervene import target_in_slots, write_latents
-
-        keys, values = target_in_slots(self.student.model, student.latent_keys, student.latent_values, target,
-                                       student_batch, teacher_batch, self.cfg.loss.kv_keys)
-        cache = fork_cache(student.latent_cache)
-        write_latents(cache, student_batch.P, student_batch.M, keys.detach(), values.detach())
+        cache = self._target_cache(student, target, student_batch, teacher_batch)
         f_keys, f_values = self.student.forced_pass(student_batch, cache, student.latents)
         return self._kv_terms(f_keys, f_values, target, kv_source, student_batch, teacher_batch)[0]
 
@@ -200,13 +195,19 @@ class KaVaObjective(nn.Module):
         """``loss.a_target``: the answer CE ``[]`` read from ``[question, <bot>, target in the M slots]`` (the
         ``target`` oracle's layout, :func:`kava_lab.intervene.target_in_slots`). The target is detached, so this
         trains how the answer pass reads latent slots (and the question columns it attends to)."""
+        cache = self._target_cache(student, target, student_batch, teacher_batch)
+        return self.student.answer(student_batch, cache)[0]
+
+    def _target_cache(self, student, target, student_batch, teacher_batch):
+        """A fork of the student's ``[question, <bot>, M latents]`` cache with the (detached) target in the slots,
+        keys placed as the KV loss compares them (:func:`kava_lab.intervene.target_in_slots`)."""
         from .intervene import target_in_slots, write_latents
 
         keys, values = target_in_slots(self.student.model, student.latent_keys, student.latent_values, target,
                                        student_batch, teacher_batch, self.cfg.loss.kv_keys)
         cache = fork_cache(student.latent_cache)
         write_latents(cache, student_batch.P, student_batch.M, keys.detach(), values.detach())
-        return self.student.answer(student_batch, cache)[0]
+        return cache
 
 
 # ------------------------------------------------------------------------------------------------ data
