@@ -16,7 +16,6 @@ further; one above control at every step says the values are there and the answe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from kava_lab import probe  # noqa: E402
 from kava_lab.encoding import Collator, encode  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
+from kava_lab.probe.records import probe_arguments, write_rows  # noqa: E402
 from kava_lab.runs import load_run, target_teacher  # noqa: E402
 
 
@@ -66,7 +66,8 @@ def hops(run_dir: str, split: str, limit: int, seed: int, target: str) -> dict:
         # the compressed teacher cache the KV loss aims at (empty slots past a short CoT hold zeros)
         "target_values": data.teacher_values.permute(0, 1, 3, 2, 4).reshape(B, L, M, H * d),
     }
-    out = {"run": Path(run_dir).name, "split": split, "n": len(examples), "M": data.M, "seed": seed, "target": target}
+    out = {"run": Path(run_dir).name, "split": split, "n": len(examples), "M": data.M, "seed": seed,
+           "target": target}
     for name, x in sites.items():
         out[name] = _rows(probe.linear_probes(x, examples, target=target, seed=seed))
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -75,16 +76,10 @@ def hops(run_dir: str, split: str, limit: int, seed: int, target: str) -> dict:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="trained latent run folders")
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--limit", type=int, default=1500)
+    probe_arguments(ap, limit=1500)
     ap.add_argument("--seed", type=int, default=0, help="the probes' train / held-out split")
     ap.add_argument("--target", default="last_digit", choices=probe.linear.TARGETS,
                     help="last_digit: 10-way accuracy; log_value: R^2 of log(1 + |value|)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the rows already in --out, replacing those of the same run and split")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -102,12 +97,7 @@ def main(argv=None) -> list[dict]:
             print(f"  {step:>8}" + "".join(f"{c[metric]:>14.3f} [{c['control']:.3f}]" if c else f"{'-':>22}"
                                            for c in cells))
     if args.out:
-        out = Path(args.out)
-        new = {(r["run"], r["split"]) for r in rows}
-        kept = [r for r in json.loads(out.read_text()) if (r["run"], r["split"]) not in new] \
-            if args.merge and out.exists() else []
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(kept + rows, indent=1))
+        write_rows(args.out, rows, args.merge)
     return rows
 
 

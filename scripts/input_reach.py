@@ -18,7 +18,6 @@ says no inputs reach it with these weights.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from kava_lab.encoding import Collator, encode  # noqa: E402
 from kava_lab.intervene import compress_target, target_in_slots, write_latents  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
+from kava_lab.probe.records import probe_arguments, write_rows  # noqa: E402
 from kava_lab.runs import load_run, target_teacher  # noqa: E402
 from kava_lab.student import fork_cache, stack_kv  # noqa: E402
 from kava_lab.teacher import extract_teacher  # noqa: E402
@@ -105,16 +105,10 @@ def reach(run_dir: str, split: str, limit: int, steps: int, lr: float, batch_siz
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="trained latent run folders (a KV target: kava, or any with a2 > 0)")
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--limit", type=int, default=128)
+    probe_arguments(ap, limit=128)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=300, help="Adam steps fitting the inputs")
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the rows already in --out, replacing those of the same run and split")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -126,12 +120,7 @@ def main(argv=None) -> list[dict]:
               f"{row['fitted']:.3f}  fitted over the true past {row['fitted_forced']:.3f}  (input norms: loop "
               f"{row['loop_input_norm']:.2f}, fitted {row['fitted_input_norm']:.2f})")
     if args.out:
-        out = Path(args.out)
-        new = {(r["run"], r["split"]) for r in rows}
-        kept = [r for r in json.loads(out.read_text()) if (r["run"], r["split"]) not in new] \
-            if args.merge and out.exists() else []
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(kept + rows, indent=1))
+        write_rows(args.out, rows, args.merge)
     return rows
 
 

@@ -17,7 +17,6 @@ and head (``compress.scope``: per-head R-KV keeps different tokens in each head)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from kava_lab import probe  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
+from kava_lab.probe.records import probe_arguments, write_rows  # noqa: E402
 from kava_lab.runs import load_run, target_teacher  # noqa: E402
 
 
@@ -51,13 +51,7 @@ def reach(run_dir: str, split: str, limit: int) -> dict:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="trained latent run folders")
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--limit", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the rows already in --out, replacing those of the same run and split")
+    probe_arguments(ap, limit=300)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -71,12 +65,7 @@ def main(argv=None) -> list[dict]:
               f"  by layer: {layers}\n  target slots holding one CoT token in every head of a layer: "
               f"{row['same_token_across_heads']:.1%}, in every layer and head: {row['same_token_across_cache']:.1%}")
     if args.out:
-        out = Path(args.out)
-        new = {(r["run"], r["split"]) for r in rows}
-        kept = [r for r in json.loads(out.read_text()) if (r["run"], r["split"]) not in new] \
-            if args.merge and out.exists() else []
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(kept + rows, indent=1))
+        write_rows(args.out, rows, args.merge)
     return rows
 
 

@@ -14,6 +14,23 @@ def _render_module():
     return module
 
 
+def _script_on_a_small_run(tmp_path, monkeypatch, name: str):
+    """A 2-step KaVa run of the small test config (own stage-0 cache) and the script ``scripts/<name>.py``."""
+    import sys
+
+    from kava_lab.train import train
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train import small_cfg
+
+    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
+    run = train(small_cfg(steps=2), tmp_path / "run", log=lambda s: None)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return run, module
+
+
 def test_readme_results_block_is_the_rendering_of_results_folder():
     rr = _render_module()
     readme = (ROOT / "README.md").read_text()
@@ -105,18 +122,7 @@ def test_weights_fingerprint_tells_builds_apart(tmp_path):
 
 
 def test_kv_reach_script_reports_every_slot_and_layer(tmp_path, monkeypatch):
-    import sys
-
-    from kava_lab.train import train
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_train import small_cfg
-
-    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
-    run = train(small_cfg(steps=2), tmp_path / "run", log=lambda s: None)
-    spec = importlib.util.spec_from_file_location("kv_reach", ROOT / "scripts" / "kv_reach.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    run, module = _script_on_a_small_run(tmp_path, monkeypatch, "kv_reach")
     out = tmp_path / "reach.json"
     [row] = module.main([str(run), "--limit", "8", "--out", str(out)])
     assert row["n"] == 8 and row["M"] == 4 and len(row["ratio_by_slot"]) == 4 and len(row["ratio_by_layer"]) == 2
@@ -130,22 +136,12 @@ def test_kv_reach_script_reports_every_slot_and_layer(tmp_path, monkeypatch):
 
 
 def test_hop_probe_script_probes_each_step_at_four_sites(tmp_path, monkeypatch):
-    import sys
-
     import torch
 
     from kava_lab.loaders import load_examples
     from kava_lab.runs import load_run
-    from kava_lab.train import train
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_train import small_cfg
-
-    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
-    run = train(small_cfg(steps=2), tmp_path / "run", log=lambda s: None)
-    spec = importlib.util.spec_from_file_location("hop_probe", ROOT / "scripts" / "hop_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    run, module = _script_on_a_small_run(tmp_path, monkeypatch, "hop_probe")
     out = tmp_path / "hops.json"
     [row] = module.main([str(run), "--limit", "40", "--out", str(out)])
     assert row["n"] == 40 and row["M"] == 4 and out.exists()
@@ -167,18 +163,7 @@ def test_hop_probe_script_probes_each_step_at_four_sites(tmp_path, monkeypatch):
 def test_input_reach_script_fits_inputs_under_the_loop(tmp_path, monkeypatch):
     """scripts/input_reach.py: with no fitting steps the free causal pass of the loop's own inputs is the loop's
     final pass (the same ratio) and the forced figures agree; a few Adam steps on the inputs lower the ratio."""
-    import sys
-
-    from kava_lab.train import train
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_train import small_cfg
-
-    monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
-    run = train(small_cfg(steps=2), tmp_path / "run", log=lambda s: None)
-    spec = importlib.util.spec_from_file_location("input_reach", ROOT / "scripts" / "input_reach.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    run, module = _script_on_a_small_run(tmp_path, monkeypatch, "input_reach")
     [still] = module.main([str(run), "--limit", "8", "--steps", "0"])
     assert abs(still["fitted"] - still["loop"]) < 1e-4 and abs(still["fitted_forced"] - still["loop_forced"]) < 1e-4
     assert still["loop"] > 0 and still["loop_forced"] > 0
