@@ -7,9 +7,9 @@ sees the question and no latent), on held-out problems.
 
 Per step k (step 1 .. 7, then the answer): the best site's held-out accuracy for the value's last digit
 (:func:`kava_lab.probe.linear_probes`, site chosen by leave-one-out on the probe's training problems), the
-shuffled-label control at that site, and the majority-class rate; once over the latent slots and once over
-the <bot> column alone. Steps the latents hold and the <bot> column does not are steps the latent loop
-computed. A latent probe that falls to its control after step 1 or 2 says the loop does not carry the walk
+shuffled-label control at that site, and the majority-class rate; at four sites: the latent hidden states,
+the <bot> column, the latent values, and the compressed target's values the KV loss aims at (the probe's
+positive control). Steps the latents hold and the <bot> column does not are steps the latent loop computed. A latent probe that falls to its control after step 1 or 2 says the loop does not carry the walk
 further; one above control at every step says the values are there and the answer fails to use them.
 """
 

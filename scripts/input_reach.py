@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kava_lab.encoding import Collator, encode  # noqa: E402
-from kava_lab.intervene import compress_target, target_in_slots, write_latents  # noqa: E402
+from kava_lab.intervene import compress_target  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
 from kava_lab.probe.records import probe_arguments, write_rows  # noqa: E402
 from kava_lab.runs import load_run, target_teacher  # noqa: E402
@@ -48,11 +48,11 @@ def batch_reach(student, cfg, objective, sb, tb, teacher, steps: int, lr: float)
     with torch.no_grad():
         ext = extract_teacher(teacher, tb, with_logits=False)
         target = compress_target(ext, cfg, M)
-        state = student.latent_loop(sb)
-        keys, values = stack_kv(state.cache, P, P + M)
-        question = fork_cache(state.cache)
+        loop = student(sb)  # the trained loop: its latent K/V, inputs and [question, <bot>, latents] cache
+        keys, values = loop.latent_keys, loop.latent_values
+        question = fork_cache(loop.latent_cache)
         question.crop(-M)  # [question, <bot>]
-        t_keys, t_values = target_in_slots(model, keys, values, target, sb, tb, cfg.loss.kv_keys)
+        true_past = objective._target_cache(loop, target, sb, tb)  # the target in the slots, as loss.a_tf reads it
 
     def free(z):  # an ordinary causal pass of the M inputs over [question, <bot>]: the last pass of any loop
         out = model(inputs_embeds=z, attention_mask=sb.attention_mask[:, :P + M],
@@ -61,16 +61,14 @@ def batch_reach(student, cfg, objective, sb, tb, teacher, steps: int, lr: float)
         return stack_kv(out.past_key_values, P, P + M)
 
     def forced(z):  # over the true compressed past
-        cache = fork_cache(question)
-        write_latents(cache, P, M, t_keys, t_values)
-        return student.forced_pass(sb, cache, z)
+        return student.forced_pass(sb, fork_cache(true_past), z)
 
     out = {}
     with torch.no_grad():
         out["loop"] = _ratio(objective, keys, values, target, ext, sb, tb)[1]
-        out["loop_forced"] = _ratio(objective, *forced(state.latents), target, ext, sb, tb)[1]
+        out["loop_forced"] = _ratio(objective, *forced(loop.latents), target, ext, sb, tb)[1]
     for name, run in (("fitted", free), ("fitted_forced", forced)):
-        z = state.latents.detach().clone().requires_grad_(True)  # start from the loop's own inputs
+        z = loop.latents.detach().clone().requires_grad_(True)  # start from the loop's own inputs
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
             kv, _ = _ratio(objective, *run(z), target, ext, sb, tb)
@@ -80,7 +78,7 @@ def batch_reach(student, cfg, objective, sb, tb, teacher, steps: int, lr: float)
         with torch.no_grad():
             out[name] = _ratio(objective, *run(z), target, ext, sb, tb)[1]
         out[name + "_input_norm"] = float(z.detach().norm(dim=-1).mean())
-    out["loop_input_norm"] = float(state.latents.norm(dim=-1).mean())
+    out["loop_input_norm"] = float(loop.latents.norm(dim=-1).mean())
     return out
 
 
