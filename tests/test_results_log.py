@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -171,3 +173,35 @@ def test_input_reach_script_fits_inputs_under_the_loop(tmp_path, monkeypatch):
     [fit] = module.main([str(run), "--limit", "8", "--steps", "20", "--out", str(out)])
     assert fit["fitted"] < 0.9 * fit["loop"] and fit["fitted_forced"] < 0.9 * fit["loop_forced"]
     assert json.loads(out.read_text())[0]["run"] == run.name
+
+
+def test_step_decode_roles_and_donor_control(tmp_path, monkeypatch):
+    """scripts/step_decode.py: token roles of both trace styles; on a shuffled-walk run, every decoded token is
+    counted once per source, and a batch of one problem repeated decodes the same from its own and a donor's latent."""
+    import dataclasses
+
+    from kava_lab.loaders import load_examples
+    from kava_lab.runs import load_run
+
+    run, module = _script_on_a_small_run(tmp_path, monkeypatch, "step_decode")
+    nl = ["Maria", " gives", " Nina", " +", " 5", ",", " and", " Nina", " has", " 1", "7", " +", " 5", " =", " 2",
+          "2", " books", "."]
+    assert module.token_roles(nl) == ["giver", "other", "receiver", "operator", "operand", "other", "other", "holder",
+                                      "other", "previous value", "previous value", "operator copy", "operand copy",
+                                      "other", "result", "result", "other", "other"]
+    eq = ["<<", " Lily", " gives", " Ravi", " -", " 4", ":", " 19", "-", "4", "=", "15", ">>"]
+    assert module.token_roles(eq) == ["other", "giver", "other", "receiver", "operator", "operand", "other",
+                                      "previous value", "operator copy", "operand copy", "other", "result", "other"]
+    with pytest.raises(ValueError, match="synthetic walks"):
+        module.main([str(run), "--limit", "8"])  # the small run evaluates on in-order problems: no roles there
+
+    student, backbone, cfg = load_run(run)
+    walk = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval="synthetic:2-3:shuffled"))
+    examples = load_examples(walk.data.eval, split="val", trace=walk.data.trace, limit=12)
+    table = module.decode_steps(student, backbone, walk, examples, batch_size=6)
+    for role, cell in table["own"].items():
+        assert cell["n"] == table["donor"][role]["n"] and 0 <= cell["accuracy"] <= 1, role
+    steps = sum(len(e.steps) - 1 for e in examples)  # drop-last: the latents replace all but the final step
+    assert table["own"]["giver"]["n"] == table["own"]["receiver"]["n"] == steps
+    same = module.decode_steps(student, backbone, walk, [examples[0]] * 4, batch_size=4)
+    assert same["own"] == same["donor"]
