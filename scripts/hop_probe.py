@@ -7,7 +7,8 @@ sees the question and no latent), on held-out problems.
 
 Per step k (step 1 .. 7, then the answer): the best site's held-out accuracy for the value's last digit
 (:func:`kava_lab.probe.linear_probes`, site chosen by leave-one-out on the probe's training problems), the
-shuffled-label control at that site, and the majority-class rate; at four sites: the latent hidden states,
+shuffled-label control at that site, and the majority-class rate (``--target holder``: who holds the count
+after the step, the walk without its arithmetic); at four sites: the latent hidden states,
 the <bot> column, the latent values, and the compressed target's values the KV loss aims at (the probe's
 positive control). Steps the latents hold and the <bot> column does not are steps the latent loop computed. A latent probe that falls to its control after step 1 or 2 says the loop does not carry the walk
 further; one above control at every step says the values are there and the answer fails to use them.
@@ -79,14 +80,15 @@ def main(argv=None) -> list[dict]:
     probe_arguments(ap, limit=1500)
     ap.add_argument("--seed", type=int, default=0, help="the probes' train / held-out split")
     ap.add_argument("--target", default="last_digit", choices=probe.linear.TARGETS,
-                    help="last_digit: 10-way accuracy; log_value: R^2 of log(1 + |value|)")
+                    help="last_digit: 10-way accuracy; log_value: R^2 of log(1 + |value|); holder: accuracy "
+                         "of who holds the count after the step (shuffled walks)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for run in args.runs:
         row = hops(run, args.split, args.limit, args.seed, args.target)
         rows.append(row)
-        metric = "accuracy" if args.target == "last_digit" else "r2"
+        metric = "accuracy" if args.target in probe.linear.CLASSES else "r2"
         print(f"{row['run']} (n={row['n']}, {row['seconds']} s): {args.target} probes, held-out {metric} at the "
               f"best site by leave-one-out [shuffled-label control there]; chance {[r['chance'] for r in row['bot']]}")
         names = ("latents", "bot", "student_values", "target_values")

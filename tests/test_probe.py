@@ -251,6 +251,29 @@ def test_probe_targets_last_digit_and_log_value():
     assert values[0, 0].item() == pytest.approx(math.log1p(examples[0].step_values[0]), rel=1e-5)
 
 
+def test_probe_targets_holder_follows_the_walk_of_both_trace_styles():
+    """``holder``: per step, who holds the count after it (the step's receiver); the answer column is the person the
+    question asks about. Both trace styles give the same labels; in-order problems (one person) are refused."""
+    from kava_lab.synthetic import NAMES, load_synthetic
+
+    index = {n: i for i, (n, _, _) in enumerate(NAMES)}
+    nl = load_synthetic("synthetic:3-5:shuffled", "val", "nl", 12)
+    eq = load_synthetic("synthetic:3-5:shuffled", "val", "equation", 12)
+    labels, names = probe.probe_targets(nl, "holder")
+    assert torch.equal(labels, probe.probe_targets(eq, "holder")[0]) and names[-1] == "answer"
+    for e, row in zip(nl, labels.tolist()):
+        asked = e.question.split("does ")[-1].split(" have")[0]
+        assert row[-1] == index[asked] == row[len(e.steps) - 1]
+        assert row[0] == index[e.steps[0].split(" gives ")[1].split()[0].strip(",:")]
+        giver_of_next = [index[s.strip("< ").split()[0]] for s in e.steps[1:]]
+        assert row[:len(e.steps) - 1] == giver_of_next  # whoever receives at step k gives at step k + 1
+        assert all(x == -1 for x in row[len(e.steps):-1])
+    with pytest.raises(ValueError, match="shuffled walks"):
+        probe.probe_targets(make_synthetic(4, split="test", trace="nl"), "holder")
+    planted = torch.randn(len(labels), 1, 1, 16)  # more than 10 classes are probed as classes
+    assert probe.linear_probes(planted, labels=labels, target="holder", n_shuffles=1, min_examples=2).metric == "accuracy"
+
+
 def test_linear_probe_above_chance_on_planted_signal_and_at_chance_when_shuffled():
     torch.manual_seed(0)
     B, L1, M, D = 300, 3, 4, 24

@@ -14,14 +14,35 @@ from torch import Tensor
 from .collect import _torch_threads
 
 
-TARGETS = ("last_digit", "log_value")
+TARGETS = ("last_digit", "log_value", "holder")
+CLASSES = ("last_digit", "holder")  # targets probed as classes (accuracy); log_value is a regression (R²)
+
+
+def _holders(example) -> list[int]:
+    """Per step of a shuffled walk, the index in :data:`kava_lab.synthetic.NAMES` of who holds the count after it
+    (the step's second name: "Maria gives Nina + 5, ..." or "<< Maria gives Nina + 5: ...>>" -> Nina)."""
+    import re
+
+    from ..synthetic import NAMES
+
+    index = {name: i for i, (name, _, _) in enumerate(NAMES)}
+    pattern = re.compile(r"\b(" + "|".join(index) + r")\b")
+    out = []
+    for step in example.steps:
+        names = pattern.findall(step)
+        if len(names) < 2:
+            raise ValueError(f"example {example.id!r}: step {step!r} names no giver and receiver; the 'holder' probe "
+                             "needs shuffled walks (synthetic:LO-HI:shuffled)")
+        out.append(index[names[1]])
+    return out
 
 
 def probe_targets(examples: Sequence, target: str = "last_digit", n_steps: int | None = None
                   ) -> tuple[Tensor, list[str]]:
     """Per example and step the probe's label: ``[B, K]`` with ``K = n_steps + 1`` columns (step 1..n, then
-    the final answer); ``last_digit`` gives class ids (``-1`` where the example has no such step), and
-    ``log_value`` gives ``log(1 + |value|)`` (NaN where missing)."""
+    the final answer); ``last_digit`` gives class ids (``-1`` where the example has no such step),
+    ``log_value`` gives ``log(1 + |value|)`` (NaN where missing), and ``holder`` (shuffled walks) the index of the
+    person holding the count after the step (the answer column: the last holder, whom the question names)."""
     if target not in TARGETS:
         raise ValueError(f"unknown probe target {target!r}; expected one of {TARGETS}")
     values = [list(e.step_values) for e in examples]
@@ -29,6 +50,9 @@ def probe_targets(examples: Sequence, target: str = "last_digit", n_steps: int |
         raise ValueError("the examples carry no step_values (synthetic problems and equation traces do)")
     n = n_steps if n_steps is not None else max(len(v) for v in values)
     names = [f"step {i + 1}" for i in range(n)] + ["answer"]
+    if target == "holder":
+        held = [_holders(e) for e in examples]
+        return torch.tensor([[h[i] if i < len(h) else -1 for i in range(n)] + [h[-1]] for h in held]), names
     rows = []
     for e, v in zip(examples, values):  # ragged Python lists -> one table
         answer = e.answer_value if v == [] else v[-1]
@@ -87,7 +111,7 @@ def ridge_fit_predict(x_train: Tensor, y_train: Tensor, x_test: Tensor,
 class ProbeResult:
     """Held-out scores of linear probes per target step, layer and slot."""
 
-    target: str  # "last_digit" (accuracy) or "log_value" (R²)
+    target: str  # "last_digit" or "holder" (accuracy), or "log_value" (R²)
     metric: str  # "accuracy" or "r2"
     step_names: list[str]  # [K]
     score: Tensor  # [K, L+1, M] on held-out problems
@@ -149,7 +173,7 @@ def _linear_probes(hidden, examples, target, labels, step_names, test_fraction, 
         if examples is None:
             raise ValueError("give examples (with step_values) or labels")
         labels, step_names = probe_targets(examples, target)
-    classify = target == "last_digit"
+    classify = target in CLASSES
     B, L1, M, D = hidden.shape
     K = labels.shape[1]
     step_names = step_names or [f"target {k}" for k in range(K)]
@@ -162,7 +186,7 @@ def _linear_probes(hidden, examples, target, labels, step_names, test_fraction, 
     loo_out = torch.full((K, L1, M), math.nan)
     chance = torch.full((K,), math.nan)
     n_train, n_test = torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=torch.long)
-    n_classes = 10
+    n_classes = max(10, int(labels.max()) + 1) if classify else 0
     for k in range(K):  # a few target steps; each fits all (layer, slot) probes in one batched solve
         y = labels[:, k]
         valid = (y >= 0) if classify else torch.isfinite(y)
