@@ -84,6 +84,11 @@ class LossConfig:
     # weights, normalisation) compares what they write with the target: each slot learns its target from the
     # true compressed past. Training only. 0 = off (every preset)
     a_tf: float = 0.0
+    # first layer the KV loss (and its floor, and a_tf's term) compares: 0 = every layer (the paper). With
+    # pre-RoPE keys a latent's layer-0 K/V are a linear map of its normalised input alone ([W_k; W_v] is square
+    # on the tiny preset), so a layer-0 target prescribes the input itself; 1 leaves the input free to carry
+    # the loop's state
+    kv_from_layer: int = 0
 
 
 @dataclass(frozen=True)

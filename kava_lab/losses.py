@@ -35,7 +35,7 @@ def _layer_std(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var.sqrt().clamp(min=1e-6)
 
 
-def _full_mask(slot_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def full_mask(slot_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A slot mask ``[B, M]`` or ``[B, L, H, M]`` as ``[B, L, H, M]`` for K/V ``like`` ``[B, L, H, M, d]``."""
     if slot_mask.dim() == 2:
         return slot_mask[:, None, None, :].expand(like.shape[:4])
@@ -51,7 +51,7 @@ def kv_loss(student_k: torch.Tensor, student_v: torch.Tensor, teacher_k: torch.T
     With ``layer_std`` each layer's residual is divided by the std of that layer's teacher target.
     ``weights`` ``[B, L, H_kv, M]`` (optional, e.g. :func:`importance_weights`) scale each entry's distance.
     """
-    mask = _full_mask(slot_mask, teacher_k).bool()
+    mask = full_mask(slot_mask, teacher_k).bool()
     n = mask.sum()
     if n == 0:
         return student_k.sum() * 0.0
@@ -90,7 +90,7 @@ def kv_content_floor(teacher_k: torch.Tensor, teacher_v: torch.Tensor, slot_mask
 
     teacher_k/v: ``[B, L, H_kv, M, d]``; slot_mask: ``[B, L, H_kv, M]`` (or ``[B, M]``)."""
     with torch.no_grad():
-        slot_mask = _full_mask(slot_mask, teacher_k)
+        slot_mask = full_mask(slot_mask, teacher_k)
         return kv_loss(leave_one_out_mean(teacher_k, slot_mask), leave_one_out_mean(teacher_v, slot_mask),
                        teacher_k, teacher_v, slot_mask, kind=kind, layer_std=layer_std, weights=weights)
 

@@ -39,7 +39,7 @@ from torch import nn
 from .compress import compress_extraction, compressor_from_config, extraction_importance
 from .config import RunConfig
 from .encoding import Collator, Encoded, encode
-from .losses import codi_loss, importance_weights, kava_objective, kv_content_floor, kv_loss
+from .losses import codi_loss, full_mask, importance_weights, kava_objective, kv_content_floor, kv_loss
 from .step_loss import step_decoding_loss
 from .runs import (  # noqa: F401  (re-exported: run folders live in runs.py)
     NonFiniteLoss, _set_rng_state, apply_lora, build_student, checkpoint_path, ensure_stage0, load_run,
@@ -101,6 +101,10 @@ class KaVaObjective(nn.Module):
             if weight < 0 or (weight and not cfg.uses_latents):
                 raise ValueError(f"loss.{name} must be >= 0 and needs a latent method, found {weight} with "
                                  f"method {cfg.method!r}")
+        layers = student.model.config.num_hidden_layers
+        if not 0 <= cfg.loss.kv_from_layer < layers:
+            raise ValueError(f"loss.kv_from_layer must be in [0, {layers - 1}] (the model has {layers} layers), "
+                             f"found {cfg.loss.kv_from_layer}")
         # the compressed target feeds the KV term (a2), the read-out loss (a_target) and the forced pass (a_tf)
         self.compressor = make_compressor(cfg) if max(cfg.loss.a2, cfg.loss.a_target, cfg.loss.a_tf) > 0 else None
         if cfg.loss.teacher not in ("shared", "frozen"):
@@ -176,9 +180,15 @@ class KaVaObjective(nn.Module):
                 weights = importance_weights(extraction_importance(kv_source), target.indices, target.slot_mask)
         elif cfg.loss.kv_weight != "uniform":
             raise ValueError(f"loss.kv_weight must be 'uniform' or 'importance', found {cfg.loss.kv_weight!r}")
-        kv = kv_loss(s_keys, s_values, t_keys, target.values, target.slot_mask,
+        t_values, mask = target.values, target.slot_mask
+        lo = cfg.loss.kv_from_layer
+        if lo:  # compare layers lo.. only ([B, L, H, M(, d)] tensors sliced on L)
+            mask = full_mask(mask, t_keys)[:, lo:]
+            s_keys, s_values, t_keys, t_values = s_keys[:, lo:], s_values[:, lo:], t_keys[:, lo:], t_values[:, lo:]
+            weights = None if weights is None else weights[:, lo:]
+        kv = kv_loss(s_keys, s_values, t_keys, t_values, mask,
                      kind=cfg.loss.kv_loss, layer_std=cfg.loss.layer_std, weights=weights)
-        return kv, kv_content_floor(t_keys, target.values, target.slot_mask, kind=cfg.loss.kv_loss,
+        return kv, kv_content_floor(t_keys, t_values, mask, kind=cfg.loss.kv_loss,
                                     layer_std=cfg.loss.layer_std, weights=weights)
 
     def _forced_kv(self, student, target, kv_source, student_batch, teacher_batch) -> torch.Tensor:

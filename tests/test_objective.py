@@ -395,3 +395,44 @@ def test_forced_pass_loss_is_the_kv_loss_of_the_teacher_forced_slots(tiny_backbo
                 dataclasses.replace(nocot, loss=LossConfig(a_tf=1.0))):
         with pytest.raises(ValueError, match="a_tf"):
             KaVaObjective(student, bad)
+
+
+def test_kv_loss_from_a_layer_compares_only_the_layers_above(tiny_backbone):
+    """loss.kv_from_layer=l: the KV term and its floor are the by-hand kv_loss / kv_content_floor of layers l.. (the
+    same keys and importance weights); the answer and step terms are untouched, and a layer outside the model is
+    refused. With l=1 the layer-0 K/V of the latents (a map of their inputs alone) are no longer pulled."""
+    from kava_lab.compress import compress_extraction, extraction_importance
+    from kava_lab.config import LossConfig
+    from kava_lab.losses import full_mask, importance_weights, kv_content_floor, kv_loss
+    from kava_lab.student import Student
+    from kava_lab.teacher import extract_teacher
+    from kava_lab.train import KaVaObjective, pre_rope_keys
+
+    b = tiny_backbone
+    base = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(base, latent=LatentConfig(mode="jacobi", M=4, T=1),
+                              loss=dataclasses.replace(base.loss, kv_keys="pre_rope", kv_weight="importance", a2=10.0))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(4, trace="nl", min_steps=3, max_steps=5)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    student = Student(b.model, cfg.latent, b.eos_id, b.eot_id).eval()
+    full = KaVaObjective(student, cfg)(tb, sb)
+    top = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kv_from_layer=1))
+    objective = KaVaObjective(student, top)
+    terms = objective(tb, sb)
+    assert torch.allclose(terms["student_ce"], full["student_ce"]) and terms["kv"].item() != full["kv"].item()
+    with torch.no_grad():  # by hand: the same tensors, layer 0 cut off
+        out = student(sb)
+        extraction = extract_teacher(b.model, tb, with_grad=False, keep_cache=False, with_logits=False)
+        target = compress_extraction(extraction, objective.compressor, 4, order=cfg.compress.order,
+                                     scope=cfg.compress.scope)
+        s_k, t_k = pre_rope_keys(b.model, out.latent_keys, target.keys, target.indices, sb, tb)
+        w = importance_weights(extraction_importance(extraction), target.indices, target.slot_mask)
+        mask = full_mask(target.slot_mask, t_k)
+        kv = kv_loss(s_k[:, 1:], out.latent_values[:, 1:], t_k[:, 1:], target.values[:, 1:], mask[:, 1:],
+                     weights=w[:, 1:])
+        floor = kv_content_floor(t_k[:, 1:], target.values[:, 1:], mask[:, 1:], weights=w[:, 1:])
+    assert torch.allclose(terms["kv"], kv, atol=1e-5) and torch.allclose(terms["kv_floor"], floor, atol=1e-5)
+    for bad in (-1, b.model.config.num_hidden_layers):
+        with pytest.raises(ValueError, match="kv_from_layer"):
+            KaVaObjective(student, dataclasses.replace(cfg, loss=LossConfig(kv_from_layer=bad)))

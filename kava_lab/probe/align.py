@@ -126,13 +126,13 @@ def value_reach(student_values: Tensor, teacher_values: Tensor, slot_mask: Tenso
     each layer's residual divided by the std of that layer's target (as the KV loss with ``layer_std``);
     per layer and slot, the mean distance over heads, dims and the examples where the slot is valid, next to
     the same distance for the leave-one-out mean target (``kava_lab.losses.kv_content_floor``, per slot)."""
-    from ..losses import _distance, _full_mask, _layer_std, leave_one_out_mean
+    from ..losses import _distance, _layer_std, full_mask, leave_one_out_mean
 
     s, t = student_values.float().cpu(), teacher_values.float().cpu()
     mask = slot_mask.bool().cpu()
     if mask.dim() == 4:
         mask = mask.flatten(1, 2).any(1)
-    full = _full_mask(mask, t)  # [B, L, H, M]
+    full = full_mask(mask, t)  # [B, L, H, M]
     std = _layer_std(t, full)[None, :, None, None, None]  # [1, L, 1, 1, 1]
     dist, w = _distance(kind), mask[:, None, :].float()  # w: [B, 1, M]
     out = []
