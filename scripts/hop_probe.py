@@ -16,7 +16,6 @@ further; one above control at every step says the values are there and the answe
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from kava_lab import probe  # noqa: E402
 from kava_lab.encoding import Collator, encode  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
-from kava_lab.probe.records import probe_arguments, write_rows  # noqa: E402
+from kava_lab.probe.records import probe_main  # noqa: E402
 from kava_lab.runs import load_run, target_teacher  # noqa: E402
 
 
@@ -75,32 +74,29 @@ def hops(run_dir: str, split: str, limit: int, seed: int, target: str) -> dict:
     return out
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    probe_arguments(ap, limit=1500)
+def _arguments(ap) -> None:
     ap.add_argument("--seed", type=int, default=0, help="the probes' train / held-out split")
     ap.add_argument("--target", default="last_digit", choices=probe.linear.TARGETS,
                     help="last_digit: 10-way accuracy; log_value: R^2 of log(1 + |value|); holder: accuracy "
                          "of who holds the count after the step (shuffled walks)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = []
-    for run in args.runs:
-        row = hops(run, args.split, args.limit, args.seed, args.target)
-        rows.append(row)
-        metric = "accuracy" if args.target in probe.linear.CLASSES else "r2"
-        print(f"{row['run']} (n={row['n']}, {row['seconds']} s): {args.target} probes, held-out {metric} at the "
-              f"best site by leave-one-out [shuffled-label control there]; chance {[r['chance'] for r in row['bot']]}")
-        names = ("latents", "bot", "student_values", "target_values")
-        print("  " + " " * 8 + "".join(f"{n:>22}" for n in names))
-        by = {n: {r["step"]: r for r in row[n]} for n in names}
-        for step in [r["step"] for r in row["bot"]]:
-            cells = [by[n].get(step) for n in names]
-            print(f"  {step:>8}" + "".join(f"{c[metric]:>14.3f} [{c['control']:.3f}]" if c else f"{'-':>22}"
-                                           for c in cells))
-    if args.out:
-        write_rows(args.out, rows, args.merge)
-    return rows
+
+
+def show(row: dict, args) -> None:
+    metric = "accuracy" if args.target in probe.linear.CLASSES else "r2"
+    print(f"{row['run']} (n={row['n']}, {row['seconds']} s): {args.target} probes, held-out {metric} at the "
+          f"best site by leave-one-out [shuffled-label control there]; chance {[r['chance'] for r in row['bot']]}")
+    names = ("latents", "bot", "student_values", "target_values")
+    print("  " + " " * 8 + "".join(f"{n:>22}" for n in names))
+    by = {n: {r["step"]: r for r in row[n]} for n in names}
+    for step in [r["step"] for r in row["bot"]]:
+        cells = [by[n].get(step) for n in names]
+        print(f"  {step:>8}" + "".join(f"{c[metric]:>14.3f} [{c['control']:.3f}]" if c else f"{'-':>22}"
+                                       for c in cells))
+
+
+def main(argv=None) -> list[dict]:
+    return probe_main(argv, __doc__, 1500, lambda run, a: hops(run, a.split, a.limit, a.seed, a.target), show,
+                      _arguments)
 
 
 if __name__ == "__main__":

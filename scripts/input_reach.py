@@ -17,7 +17,6 @@ says no inputs reach it with these weights.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from kava_lab.encoding import Collator, encode  # noqa: E402
 from kava_lab.intervene import compress_target  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
-from kava_lab.probe.records import probe_arguments, write_rows  # noqa: E402
+from kava_lab.probe.records import probe_main  # noqa: E402
 from kava_lab.runs import load_run, target_teacher  # noqa: E402
 from kava_lab.student import fork_cache, stack_kv  # noqa: E402
 from kava_lab.teacher import extract_teacher  # noqa: E402
@@ -101,25 +100,22 @@ def reach(run_dir: str, split: str, limit: int, steps: int, lr: float, batch_siz
             **{k: round(v, 4) for k, v in mean.items()}, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    probe_arguments(ap, limit=128)
+def _arguments(ap) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=300, help="Adam steps fitting the inputs")
     ap.add_argument("--lr", type=float, default=0.05)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = []
-    for run in args.runs:
-        row = reach(run, args.split, args.limit, args.steps, args.lr, args.batch_size)
-        rows.append(row)
-        print(f"{row['run']} (n={row['n']}, {row['steps']} Adam steps, {row['seconds']} s): KV loss / floor  "
-              f"loop {row['loop']:.3f}  loop over the true past {row['loop_forced']:.3f}  fitted inputs "
-              f"{row['fitted']:.3f}  fitted over the true past {row['fitted_forced']:.3f}  (input norms: loop "
-              f"{row['loop_input_norm']:.2f}, fitted {row['fitted_input_norm']:.2f})")
-    if args.out:
-        write_rows(args.out, rows, args.merge)
-    return rows
+
+
+def show(row: dict, args) -> None:
+    print(f"{row['run']} (n={row['n']}, {row['steps']} Adam steps, {row['seconds']} s): KV loss / floor  "
+          f"loop {row['loop']:.3f}  loop over the true past {row['loop_forced']:.3f}  fitted inputs "
+          f"{row['fitted']:.3f}  fitted over the true past {row['fitted_forced']:.3f}  (input norms: loop "
+          f"{row['loop_input_norm']:.2f}, fitted {row['fitted_input_norm']:.2f})")
+
+
+def main(argv=None) -> list[dict]:
+    return probe_main(argv, __doc__, 128,
+                      lambda run, a: reach(run, a.split, a.limit, a.steps, a.lr, a.batch_size), show, _arguments)
 
 
 if __name__ == "__main__":

@@ -16,19 +16,17 @@ and head (``compress.scope``: per-head R-KV keeps different tokens in each head)
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kava_lab import probe  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
-from kava_lab.probe.records import probe_arguments, write_rows  # noqa: E402
+from kava_lab.probe.records import probe_main  # noqa: E402
 from kava_lab.runs import load_run, target_teacher  # noqa: E402
 
 
@@ -49,24 +47,17 @@ def reach(run_dir: str, split: str, limit: int) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def show(row: dict, args) -> None:
+    slots = " ".join(f"{x:.2f}" for x in row["ratio_by_slot"])
+    layers = " ".join(f"{x:.2f}" for x in row["ratio_by_layer"])
+    print(f"{row['run']}: value distance / floor {row['ratio']:.3f} (n={row['n']}, {row['seconds']} s)\n"
+          f"  by slot (CoT time order): {slots}\n  valid examples per slot: {row['count']}\n"
+          f"  by layer: {layers}\n  target slots holding one CoT token in every head of a layer: "
+          f"{row['same_token_across_heads']:.1%}, in every layer and head: {row['same_token_across_cache']:.1%}")
+
+
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    probe_arguments(ap, limit=300)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = []
-    for run in args.runs:
-        row = reach(run, args.split, args.limit)
-        rows.append(row)
-        slots = " ".join(f"{x:.2f}" for x in row["ratio_by_slot"])
-        layers = " ".join(f"{x:.2f}" for x in row["ratio_by_layer"])
-        print(f"{row['run']}: value distance / floor {row['ratio']:.3f} (n={row['n']}, {row['seconds']} s)\n"
-              f"  by slot (CoT time order): {slots}\n  valid examples per slot: {row['count']}\n"
-              f"  by layer: {layers}\n  target slots holding one CoT token in every head of a layer: "
-              f"{row['same_token_across_heads']:.1%}, in every layer and head: {row['same_token_across_cache']:.1%}")
-    if args.out:
-        write_rows(args.out, rows, args.merge)
-    return rows
+    return probe_main(argv, __doc__, 300, lambda run, a: reach(run, a.split, a.limit), show)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ accuracy does not drop under it is not read from the latent. Meaningful for runs
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from kava_lab.encoding import Collator, encode  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
-from kava_lab.probe.records import probe_arguments, write_rows  # noqa: E402
+from kava_lab.probe.records import probe_main  # noqa: E402
 from kava_lab.runs import load_run  # noqa: E402
 from kava_lab.step_loss import step_sequences  # noqa: E402
 from kava_lab.synthetic import NAMES, parse_spec  # noqa: E402
@@ -118,27 +117,19 @@ def run_one(run_dir: str, split: str, limit: int) -> dict:
             "roles": table, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def show(row: dict, args) -> None:
+    note = "" if row["a_step"] > 0 else " (a_step=0: this decoder was never trained)"
+    print(f"{row['run']} (n={row['n']}, {row['seconds']} s){note}: token accuracy of each step decoded from its "
+          "own latent [from a donor's]; by step 1, 2, ...")
+    own, donor = row["roles"].get("own", {}), row["roles"].get("donor", {})
+    for role in (r for r in ROLES if r in own):
+        steps = " ".join(f"{v:.2f}" for v in own[role]["by_step"].values())
+        print(f"  {role:>15} {own[role]['accuracy']:.3f} [{donor[role]['accuracy']:.3f}]  n={own[role]['n']:>6}"
+              f"  by step {steps}")
+
+
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    probe_arguments(ap, limit=256)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = []
-    for run in args.runs:
-        row = run_one(run, args.split, args.limit)
-        rows.append(row)
-        note = "" if row["a_step"] > 0 else " (a_step=0: this decoder was never trained)"
-        print(f"{row['run']} (n={row['n']}, {row['seconds']} s){note}: token accuracy of each step decoded from its "
-              "own latent [from a donor's]; by step 1, 2, ...")
-        own, donor = row["roles"].get("own", {}), row["roles"].get("donor", {})
-        for role in ROLES:
-            if role in own:
-                steps = " ".join(f"{v:.2f}" for v in own[role]["by_step"].values())
-                print(f"  {role:>15} {own[role]['accuracy']:.3f} [{donor[role]['accuracy']:.3f}]  n={own[role]['n']:>6}"
-                      f"  by step {steps}")
-    if args.out:
-        write_rows(args.out, rows, args.merge)
-    return rows
+    return probe_main(argv, __doc__, 256, lambda run, a: run_one(run, a.split, a.limit), show)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """The command line and the JSON record shared by the probe scripts (scripts/kv_reach.py, hop_probe.py,
-input_reach.py): one row per (run, split), merged into an existing file on request."""
+input_reach.py, step_decode.py): one row per (run, split), merged into an existing file on request."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 
 def probe_arguments(ap: argparse.ArgumentParser, limit: int) -> argparse.ArgumentParser:
@@ -28,3 +29,25 @@ def write_rows(out: str | Path, rows: list[dict], merge: bool = False) -> None:
         if merge and out.exists() else []
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(kept + rows, indent=1))
+
+
+def probe_main(argv, doc: str, limit: int, one: Callable[[str, argparse.Namespace], dict],
+               show: Callable[[dict, argparse.Namespace], None],
+               extend: Callable[[argparse.ArgumentParser], None] | None = None) -> list[dict]:
+    """A probe script's command line: parse (the shared arguments, then ``extend``'s), set torch's threads, compute
+    ``one(run, args)`` for every run folder, ``show`` each row, write them to ``--out``; returns the rows."""
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    probe_arguments(ap, limit)
+    if extend is not None:
+        extend(ap)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for run in args.runs:
+        rows.append(one(run, args))
+        show(rows[-1], args)
+    if args.out:
+        write_rows(args.out, rows, args.merge)
+    return rows
