@@ -62,7 +62,16 @@ def step_decoding_loss(model, latents: torch.Tensor, teacher_batch: Batch,
     rows, slots, tokens = step_sequences(teacher_batch, latents.shape[1], covered)
     if not tokens:
         return latents.sum() * 0.0
-    device = latents.device
+    logits, labels = step_decoder_logits(model, latents[rows.to(latents.device), slots.to(latents.device)], tokens)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def step_decoder_logits(model, z: torch.Tensor, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step decoder: each sequence ``[z_i, tokens_i[:-1]]`` (positions from 0, no question) through ``model``.
+
+    z: ``[n, D]`` one latent per step; ``tokens``: ``n`` step token tensors. Returns logits ``[n, W, V]``
+    (position i predicts token i) and labels ``[n, W]`` (-100 past each step's end)."""
+    device = z.device
     n, width = len(tokens), max(len(t) for t in tokens)
     ids = torch.zeros(n, width, dtype=torch.long, device=device)  # [n, W] step tokens, right-padded
     labels = torch.full((n, width), -100, dtype=torch.long, device=device)
@@ -72,8 +81,6 @@ def step_decoding_loss(model, latents: torch.Tensor, teacher_batch: Batch,
         labels[i, :len(t)] = t
         mask[i, :len(t)] = 1
     embeds = model.get_input_embeddings()(ids[:, :-1])  # [n, W-1, D]
-    z = latents[rows.to(device), slots.to(device)][:, None].to(embeds.dtype)  # [n, 1, D]
-    inputs = torch.cat([z, embeds], 1)  # [n, W, D]: position i predicts token i
+    inputs = torch.cat([z[:, None].to(embeds.dtype), embeds], 1)  # [n, W, D]
     positions = torch.arange(width, device=device)[None].expand(n, -1)
-    logits = model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).logits  # [n, W, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).logits, labels

@@ -7,9 +7,9 @@ the step's tokens teacher-forced) scored token by token, by the token's role in 
 A step of the synthetic walk reads "Maria gives Nina + 5, and Nina has 17 + 5 = 22 books." (NL) or
 "<< Maria gives Nina + 5: 17+5=22>>" (equation). Roles: the first, second and third name (giver, receiver,
 holder), the first to fourth number (operand, previous value, operand copy, result), the first operator and
-its copies, and the other words (the item's name among them). With the step's own tokens forced, the copies and the result follow from earlier tokens; the giver
-(the first token, read from the latent alone), the receiver and the previous value are what the latent must
-carry. Control: the same decoding from another problem's latent (the next row of the batch); a role whose
+its copies, and the other words (the item's name among them). With the step's own tokens forced, the copies and
+the result follow from earlier tokens; the giver (the first token, read from the latent alone), the receiver and
+the previous value are what the latent must carry. Control: the same decoding from another problem's latent (the next row of the batch); a role whose
 accuracy does not drop under it is not read from the latent. Meaningful for runs trained with ``loss.a_step``
 > 0 (elsewhere nothing trained the backbone to decode a step from a latent; the row records ``a_step``).
 """
@@ -29,7 +29,7 @@ from kava_lab.encoding import Collator, encode  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
 from kava_lab.probe.records import probe_main  # noqa: E402
 from kava_lab.runs import load_run  # noqa: E402
-from kava_lab.step_loss import step_sequences  # noqa: E402
+from kava_lab.step_loss import step_decoder_logits, step_sequences  # noqa: E402
 from kava_lab.synthetic import NAMES, parse_spec  # noqa: E402
 
 NAME_ROLES = ("giver", "receiver", "holder")
@@ -72,22 +72,17 @@ def decode_steps(student, backbone, cfg, examples, batch_size: int = 64) -> dict
         sb = collate([encode(e, tok, cfg.encoding, with_cot=False) for e in chunk], "student", M=cfg.latent.M)
         latents = student(sb).latents  # [b, M, D]: the last pass's inputs, what the step decoder reads
         rows, slots, tokens = step_sequences(tb, latents.shape[1])
-        n, width = len(tokens), max(len(t) for t in tokens)
-        ids = torch.zeros(n, width, dtype=torch.long)  # [n, W] step tokens, right-padded
-        mask = torch.zeros(n, width, dtype=torch.long)
-        for i, t in enumerate(tokens):
-            ids[i, :len(t)], mask[i, :len(t)] = t, 1
-        embeds = model.get_input_embeddings()(ids[:, :-1])  # [n, W-1, D]
-        positions = torch.arange(width)[None].expand(n, -1)
-        step_of = [sum(1 for r in rows[:i].tolist() if r == rows[i]) + 1 for i in range(n)]  # 1-based
+        step_of, seen = [], {}  # 1-based step of each sequence (step_sequences lists a row's steps in order)
+        for r in rows.tolist():
+            seen[r] = seen.get(r, 0) + 1
+            step_of.append(seen[r])
+        roles = [token_roles([tok.decode([int(x)]) for x in t]) for t in tokens]
         donor_rows = (rows + 1) % len(chunk)  # the next problem of the batch, the same slot
         for source, r in (("own", rows), ("donor", donor_rows)):
-            z = latents[r, slots][:, None].to(embeds.dtype)  # [n, 1, D]
-            pred = model(inputs_embeds=torch.cat([z, embeds], 1), attention_mask=mask,
-                         position_ids=positions).logits.argmax(-1)  # [n, W]: position i predicts token i
+            logits, _ = step_decoder_logits(model, latents[r, slots], tokens)
+            pred = logits.argmax(-1)  # [n, W]: position i predicts token i
             for i, t in enumerate(tokens):
-                pieces = [tok.decode([int(x)]) for x in t]
-                for j, role in enumerate(token_roles(pieces)):
+                for j, role in enumerate(roles[i]):
                     c = counts.setdefault((source, role, step_of[i]), [0, 0])
                     c[0] += int(pred[i, j] == t[j])
                     c[1] += 1
