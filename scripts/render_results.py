@@ -3,8 +3,9 @@
     python scripts/render_results.py                 # print every table
     python scripts/render_results.py --readme README.md   # replace the block between the README's markers
 
-Tables: every run (the ablation log, negative results included), accuracy by number of steps, and the
-main comparison as mean ± std over seeds on the test split. Every README number of the latent-reasoning
+Tables: every run (the ablation log, negative results included), accuracy by number of steps, the
+main comparison as mean ± std over seeds on the test split, and each latent setting's share of the
+CoT - No-CoT gap (the issue's measure of a recipe). Every README number of the latent-reasoning
 study comes from these files, so nothing is typed by hand.
 """
 
@@ -106,10 +107,88 @@ def main_table(records: list[dict], split: str = "test", min_seeds: int = 1) -> 
     return "\n".join(lines)
 
 
+def _steps(r: dict):
+    """The run's training budget: the record's ``steps``, else its ``optim.steps=`` override."""
+    if r.get("steps") is not None:
+        return int(r["steps"])
+    for o in r.get("overrides", []):
+        if o.startswith("optim.steps="):
+            return int(o.split("=", 1)[1])
+    return None
+
+
+def gap_table(records: list[dict], split: str = "test") -> str:
+    """Each latent setting's share of the CoT - No-CoT gap, the issue's measure of a recipe:
+    share = (latent - No-CoT) / (CoT - No-CoT), from seed means, overall and by number of steps.
+
+    CoT is the stage-0 record of the same build (the teacher every student starts from); No-CoT is the mean
+    over seeds of the plain No-CoT runs (no settings beyond the stage-0 and step counts) of the same build,
+    trace and task at the **same step budget**. A setting with no such pair gets no row; builds named "?"
+    (not fingerprinted, not kept) are left out, since two of them cannot be told apart. The donor cost is the
+    seed mean of (untouched - donor swap)."""
+    def base(r):
+        return (r["trace"], r.get("task", ""), build(r))
+
+    def plain(r):
+        return all(o.startswith(("data.train=", "data.eval=", "stage0_steps=", "optim.steps=")) for o in r.get("overrides", []))
+
+    def acc(r, steps=None):
+        p = r["evals"][split]["plain"]
+        return p["accuracy"] if steps is None else p.get("accuracy_by_steps", {}).get(steps)
+
+    rows = [r for r in records if split in r["evals"] and build(r) != "?"]
+    cot = {}
+    for r in rows:
+        if r["method"] == "cot":
+            cot.setdefault(base(r), []).append(r)
+    nocot = {}
+    for r in rows:
+        if r["method"] == "nocot" and plain(r):
+            nocot.setdefault(base(r) + (_steps(r),), []).append(r)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["method"] not in ("cot", "nocot"):
+            groups.setdefault((r["method"],) + base(r) + (_settings(r), _steps(r)), []).append(r)
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    def share(lat, no, co):
+        if None in (lat, no, co) or co - no <= 0:
+            return "–"
+        return f"{100 * (lat - no) / (co - no):.0f}%"
+
+    step_keys = sorted({k for r in rows for k in r["evals"][split]["plain"].get("accuracy_by_steps", {})}, key=int)
+    head = ("| method | trace | task | settings | stage 0 | seeds (No-CoT seeds) | CoT | No-CoT | latent | "
+            "gap share | donor cost | share by steps |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (method, trace, task, stage0, settings, steps), rs in sorted(groups.items(),
+                                                                    key=lambda kv: tuple(map(str, kv[0]))):
+        cs, ns = cot.get((trace, task, stage0)), nocot.get((trace, task, stage0, steps))
+        if not cs or not ns:
+            continue
+        co, no, lat = mean([acc(r) for r in cs]), mean([acc(r) for r in ns]), [acc(r) for r in rs]
+        lat_ms = pct(lat[0]) if len(lat) == 1 else f"{pct(statistics.mean(lat))} ± {100 * statistics.stdev(lat):.1f}"
+        donor = mean([acc(r) - r["evals"][split]["interventions"]["donor"]["accuracy"] for r in rs
+                      if "donor" in r["evals"][split].get("interventions", {})])
+        by = [f"{k}: " + share(mean([acc(r, k) for r in rs]), mean([acc(r, k) for r in ns]),
+                               mean([acc(r, k) for r in cs])) for k in step_keys
+              if any(acc(r, k) is not None for r in rs)]
+        lines.append("| " + " | ".join([
+            method, trace, task, settings, stage0, f"{len(rs)} ({len(ns)})", pct(co), pct(no), lat_ms,
+            share(statistics.mean(lat), no, co), "–" if donor is None else f"{100 * donor:.1f}",
+            ", ".join(by)]) + " |")
+    return "\n".join(lines)
+
+
 def render(records: list[dict]) -> str:
     parts = []
     if any("test" in r["evals"] for r in records):
-        parts += ["**Test split, mean ± std over seeds** (accuracy %, interventions applied to the latent cache):",
+        parts += ["**Share of the CoT - No-CoT gap, test split** (the issue's measure: (latent - No-CoT) / (CoT - "
+                  "No-CoT) from seed means, No-CoT at the same step budget on the same stage-0 build, CoT that "
+                  "build's teacher; donor cost in points):", "", gap_table(records, "test"), "",
+                  "**Test split, mean ± std over seeds** (accuracy %, interventions applied to the latent cache):",
                   "", main_table(records, "test"), "", "Test accuracy by number of steps:", "",
                   by_steps_table(records, "test"), ""]
     seeds = main_table(records, "val", min_seeds=2)

@@ -73,6 +73,37 @@ def test_seed_table_gives_mean_and_std_and_leaves_out_single_seed_settings():
     assert len(rr.main_table(records, "val").splitlines()) == 4  # min_seeds=1 keeps the single-seed setting
 
 
+def test_gap_table_shares_the_cot_nocot_gap_at_the_same_budget_and_build():
+    """share = (latent - No-CoT) / (CoT - No-CoT) from seed means; No-CoT only at the latent runs' own step
+    budget, build, trace and task, and only plain No-CoT runs; builds named "?" give no row."""
+    rr = _render_module()
+
+    def rec(name, method, seed, acc, by, steps=800, extra=(), sha="abc", donor=None):
+        ev = {"plain": {"accuracy": acc, "n": 10, "forward_passes": 7.0, "accuracy_by_steps": by}}
+        if donor is not None:
+            ev["interventions"] = {"donor": {"accuracy": donor}}
+        return {"name": name, "method": method, "trace": "nl", "seed": seed, "task": "synthetic:3-5",
+                "overrides": ["data.train=synthetic:3-5", f"optim.steps={steps}", *extra], "steps": steps,
+                "stage0_sha": sha, "train_minutes": 1.0, "evals": {"test": ev}}
+
+    records = [rec("cot", "cot", 0, 0.9, {"3": 1.0, "5": 0.8}, steps=1000),
+               rec("n0", "nocot", 0, 0.3, {"3": 0.4, "5": 0.2}), rec("n1", "nocot", 1, 0.5, {"3": 0.6, "5": 0.4}),
+               rec("n400", "nocot", 0, 0.1, {"3": 0.1, "5": 0.1}, steps=400),      # another budget
+               rec("nlr", "nocot", 0, 0.0, {"3": 0.0, "5": 0.0}, extra=["optim.lr=1"]),  # not plain
+               rec("k0", "kava", 0, 0.6, {"3": 0.8, "5": 0.4}, donor=0.3),
+               rec("k1", "kava", 1, 0.8, {"3": 1.0, "5": 0.6}, donor=0.4),
+               rec("k400", "kava", 0, 0.5, {"3": 0.5, "5": 0.5}, steps=600),        # no No-CoT at 600: no row
+               rec("q", "kava", 0, 0.9, {"3": 0.9}, sha=None)]                        # build "?": no row
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in rr.gap_table(records).splitlines()[2:]]
+    assert len(rows) == 1
+    row = rows[0]
+    # CoT 90, No-CoT mean 40 (n0, n1), KaVa 70 +- 14.1: (70 - 40) / (90 - 40) = 60%; donor cost mean(30, 40)
+    assert row[0] == "kava" and row[4] == "abc" and row[5] == "2 (2)"
+    assert row[6:11] == ["90.0", "40.0", "70.0 ± 14.1", "60%", "35.0"]
+    # by steps: 3 -> (0.9 - 0.5) / (1.0 - 0.5) = 80%; 5 -> (0.5 - 0.3) / (0.8 - 0.3) = 40%
+    assert row[11] == "3: 80%, 5: 40%"
+
+
 def test_target_oracle_script_reports_each_compressor_and_slot_count(tmp_path, monkeypatch):
     monkeypatch.setenv("KAVA_LAB_CACHE", str(tmp_path / "cache"))
     spec = importlib.util.spec_from_file_location("target_oracle", ROOT / "scripts" / "target_oracle.py")
