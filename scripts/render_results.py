@@ -122,8 +122,10 @@ def gap_table(records: list[dict], split: str = "test") -> str:
     share = (latent - No-CoT) / (CoT - No-CoT), from seed means, overall and by number of steps.
 
     CoT is the stage-0 record of the same build (the teacher every student starts from); No-CoT is the mean
-    over seeds of the plain No-CoT runs (no settings beyond the stage-0 and step counts) of the same build,
-    trace and task at the **same step budget**. A setting with no such pair gets no row; builds named "?"
+    over seeds of the plain No-CoT runs (no settings beyond the stage-0 and step counts) of the same build and
+    task at the **same step budget**. Both are matched whatever their trace label: No-CoT never reads a trace,
+    and CoT evaluation gives the model no trace cue (it writes whatever follows the question), so each is one
+    figure for both trace styles of a build; the trace matters to the students, through their KV targets. A setting with no such pair gets no row; builds named "?"
     (not fingerprinted, not kept) are left out, since two of them cannot be told apart. The donor cost is the
     seed mean of (untouched - donor swap)."""
     def base(r):
@@ -140,11 +142,11 @@ def gap_table(records: list[dict], split: str = "test") -> str:
     cot = {}
     for r in rows:
         if r["method"] == "cot":
-            cot.setdefault(base(r), []).append(r)
+            cot.setdefault(base(r)[1:], []).append(r)
     nocot = {}
     for r in rows:
         if r["method"] == "nocot" and plain(r):
-            nocot.setdefault(base(r) + (_steps(r),), []).append(r)
+            nocot.setdefault(base(r)[1:] + (_steps(r),), []).append(r)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["method"] not in ("cot", "nocot"):
@@ -165,7 +167,7 @@ def gap_table(records: list[dict], split: str = "test") -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (method, trace, task, stage0, settings, steps), rs in sorted(groups.items(),
                                                                     key=lambda kv: tuple(map(str, kv[0]))):
-        cs, ns = cot.get((trace, task, stage0)), nocot.get((trace, task, stage0, steps))
+        cs, ns = cot.get((task, stage0)), nocot.get((task, stage0, steps))
         if not cs or not ns:
             continue
         co, no, lat = mean([acc(r) for r in cs]), mean([acc(r) for r in ns]), [acc(r) for r in rs]

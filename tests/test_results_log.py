@@ -75,7 +75,8 @@ def test_seed_table_gives_mean_and_std_and_leaves_out_single_seed_settings():
 
 def test_gap_table_shares_the_cot_nocot_gap_at_the_same_budget_and_build():
     """share = (latent - No-CoT) / (CoT - No-CoT) from seed means; No-CoT only at the latent runs' own step
-    budget, build, trace and task, and only plain No-CoT runs; builds named "?" give no row."""
+    budget, build and task, and only plain No-CoT runs; CoT and No-CoT whatever their trace label; builds named
+    "?" give no row."""
     rr = _render_module()
 
     def rec(name, method, seed, acc, by, steps=800, extra=(), sha="abc", donor=None):
@@ -94,9 +95,13 @@ def test_gap_table_shares_the_cot_nocot_gap_at_the_same_budget_and_build():
                rec("k1", "kava", 1, 0.8, {"3": 1.0, "5": 0.6}, donor=0.4),
                rec("k400", "kava", 0, 0.5, {"3": 0.5, "5": 0.5}, steps=600),        # no No-CoT at 600: no row
                rec("q", "kava", 0, 0.9, {"3": 0.9}, sha=None)]                        # build "?": no row
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in rr.gap_table(records).splitlines()[2:]]
-    assert len(rows) == 1
-    row = rows[0]
+    eq_kava = dict(rec("k-eq", "kava", 0, 0.55, {"3": 0.55}), trace="equation")
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in rr.gap_table(records + [eq_kava]).splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("kava", "equation"), ("kava", "nl")]
+    # the equation row reads the build's CoT and No-CoT runs (labelled nl): (55 - 40) / (90 - 40) = 30%
+    assert rows[0][6:10] == ["90.0", "40.0", "55.0", "30%"]
+    row = rows[1]
     # CoT 90, No-CoT mean 40 (n0, n1), KaVa 70 +- 14.1: (70 - 40) / (90 - 40) = 60%; donor cost mean(30, 40)
     assert row[0] == "kava" and row[4] == "abc" and row[5] == "2 (2)"
     assert row[6:11] == ["90.0", "40.0", "70.0 ± 14.1", "60%", "35.0"]
