@@ -196,6 +196,9 @@ def render(records: list[dict]) -> str:
     seeds = main_table(records, "val", min_seeds=2)
     if seeds.count("\n") > 1:  # more than the header
         parts += ["**Validation split, mean ± std over seeds** (settings run on 2 or more seeds):", "", seeds, ""]
+    gaps = gap_table(records, "val")
+    if gaps.count("\n") > 1:
+        parts += ["**Share of the CoT - No-CoT gap, validation split** (where recipes are chosen):", "", gaps, ""]
     parts += ["**Every run, validation split** (accuracy %; the recipe is chosen here, never on test):", "",
               log_table(records, "val"), "", "Validation accuracy by number of steps:", "",
               by_steps_table(records, "val")]
