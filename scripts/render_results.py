@@ -125,14 +125,15 @@ def gap_table(records: list[dict], split: str = "test") -> str:
     over seeds of the plain No-CoT runs (no settings beyond the stage-0 and step counts) of the same build and
     task at the **same step budget**. Both are matched whatever their trace label: No-CoT never reads a trace,
     and CoT evaluation gives the model no trace cue (it writes whatever follows the question), so each is one
-    figure for both trace styles of a build; the trace matters to the students, through their KV targets. A setting with no such pair gets no row; builds named "?"
-    (not fingerprinted, not kept) are left out, since two of them cannot be told apart. The donor cost is the
-    seed mean of (untouched - donor swap)."""
-    def base(r):
-        return (r["trace"], r.get("task", ""), build(r))
+    figure for both trace styles of a build; the trace matters to the students, through their KV targets.
+    A setting with no such pair gets no row; builds named "?" (not fingerprinted, not kept) are left out, since
+    two of them cannot be told apart. The donor cost is the seed mean of (untouched - donor swap)."""
+    def base(r):  # what a setting shares with its CoT and No-CoT rows
+        return (r.get("task", ""), build(r))
 
     def plain(r):
-        return all(o.startswith(("data.train=", "data.eval=", "stage0_steps=", "optim.steps=")) for o in r.get("overrides", []))
+        keep = ("data.train=", "data.eval=", "stage0_steps=", "optim.steps=")
+        return all(o.startswith(keep) for o in r.get("overrides", []))
 
     def acc(r, steps=None):
         p = r["evals"][split]["plain"]
@@ -142,15 +143,15 @@ def gap_table(records: list[dict], split: str = "test") -> str:
     cot = {}
     for r in rows:
         if r["method"] == "cot":
-            cot.setdefault(base(r)[1:], []).append(r)
+            cot.setdefault(base(r), []).append(r)
     nocot = {}
     for r in rows:
         if r["method"] == "nocot" and plain(r):
-            nocot.setdefault(base(r)[1:] + (_steps(r),), []).append(r)
+            nocot.setdefault(base(r) + (_steps(r),), []).append(r)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["method"] not in ("cot", "nocot"):
-            groups.setdefault((r["method"],) + base(r) + (_settings(r), _steps(r)), []).append(r)
+            groups.setdefault((r["method"], r["trace"]) + base(r) + (_settings(r), _steps(r)), []).append(r)
 
     def mean(values):
         values = [v for v in values if v is not None]
