@@ -73,6 +73,16 @@ def by_steps_table(records: list[dict], split: str = "val") -> str:
     return "\n".join(lines)
 
 
+def ms(values) -> str:
+    """Mean ± std in percent of the values that are not None; one value alone, or "–" for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return pct(values[0])
+    return f"{pct(statistics.mean(values))} ± {100 * statistics.stdev(values):.1f}"
+
+
 def main_table(records: list[dict], split: str = "test", min_seeds: int = 1) -> str:
     """One row per (method, trace, task, settings, stage-0 build): mean ± std over its seeds; groups run on
     fewer than ``min_seeds`` distinct seeds are left out. A row never averages two builds of one stage 0
@@ -82,14 +92,6 @@ def main_table(records: list[dict], split: str = "test", min_seeds: int = 1) -> 
         if split in r["evals"]:
             key = (r["method"], r["trace"], r.get("task", ""), _settings(r), build(r))
             groups.setdefault(key, []).append(r)
-
-    def ms(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "–"
-        if len(values) == 1:
-            return pct(values[0])
-        return f"{pct(statistics.mean(values))} ± {100 * statistics.stdev(values):.1f}"
 
     head = ("| method | trace | task | settings | seeds | stage 0 | accuracy | donor swap | zero | mean | "
             "shuffle-slots | forward passes | train min |")
@@ -172,14 +174,13 @@ def gap_table(records: list[dict], split: str = "test") -> str:
         if not cs or not ns:
             continue
         co, no, lat = mean([acc(r) for r in cs]), mean([acc(r) for r in ns]), [acc(r) for r in rs]
-        lat_ms = pct(lat[0]) if len(lat) == 1 else f"{pct(statistics.mean(lat))} ± {100 * statistics.stdev(lat):.1f}"
         donor = mean([acc(r) - r["evals"][split]["interventions"]["donor"]["accuracy"] for r in rs
                       if "donor" in r["evals"][split].get("interventions", {})])
         by = [f"{k}: " + share(mean([acc(r, k) for r in rs]), mean([acc(r, k) for r in ns]),
                                mean([acc(r, k) for r in cs])) for k in step_keys
               if any(acc(r, k) is not None for r in rs)]
         lines.append("| " + " | ".join([
-            method, trace, task, settings, stage0, f"{len(rs)} ({len(ns)})", pct(co), pct(no), lat_ms,
+            method, trace, task, settings, stage0, f"{len(rs)} ({len(ns)})", pct(co), pct(no), ms(lat),
             share(statistics.mean(lat), no, co), "–" if donor is None else f"{100 * donor:.1f}",
             ", ".join(by)]) + " |")
     return "\n".join(lines)

@@ -9,9 +9,10 @@ A step of the synthetic walk reads "Maria gives Nina + 5, and Nina has 17 + 5 = 
 holder), the first to fourth number (operand, previous value, operand copy, result), the first operator and
 its copies, and the other words (the item's name among them). With the step's own tokens forced, the copies and
 the result follow from earlier tokens; the giver (the first token, read from the latent alone), the receiver and
-the previous value are what the latent must carry. Control: the same decoding from another problem's latent (the next row of the batch); a role whose
-accuracy does not drop under it is not read from the latent. Meaningful for runs trained with ``loss.a_step``
-> 0 (elsewhere nothing trained the backbone to decode a step from a latent; the row records ``a_step``).
+the previous value are what the latent must carry. Control: the same decoding from another problem's latent
+(the next row of the batch); a role whose accuracy does not drop under it is not read from the latent.
+Meaningful for runs trained with ``loss.a_step`` > 0 (elsewhere nothing trained the backbone to decode a step
+from a latent; the row records ``a_step``).
 """
 
 from __future__ import annotations
