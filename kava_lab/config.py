@@ -84,6 +84,10 @@ class LossConfig:
     # weights, normalisation) compares what they write with the target: each slot learns its target from the
     # true compressed past. Training only. 0 = off (every preset)
     a_tf: float = 0.0
+    # direct-route loss: the answer CE computed a second time with the M latent slots masked out of the answer's
+    # attention (it reads [question, <bot>] and its own tokens, as No-CoT reads its question), so the route that
+    # answers without latents stays trained beside the one through them. Training only. 0 = off (every preset)
+    a_direct: float = 0.0
     # first layer the KV loss (and its floor, and a_tf's term) compares: 0 = every layer (the paper). With
     # pre-RoPE keys a latent's layer-0 K/V are a linear map of its normalised input alone ([W_k; W_v] is square
     # on the tiny preset), so a layer-0 target prescribes the input itself; 1 leaves the input free to carry

@@ -78,9 +78,10 @@ def evaluate(student: Student, backbone, cfg: RunConfig, examples: list[Example]
                 tbatch = collate([encode(e, tok, cfg.encoding, with_cot=True) for e in chunk], "teacher").to(device)
                 target = kv_target(model if teacher is None else teacher, cfg, tbatch, cfg.latent.M)
                 hook = lambda state, b: apply_target(model, state, b, target, tbatch, cfg.loss.kv_keys)
-            elif intervene is not None:
+            elif intervene is not None and intervene != "hide":  # hide is a mask, not a cache edit
                 hook = lambda state, b: apply_intervention(intervene, model, state, b, seed=seed)
-            gen = student.generate(batch, max_new_tokens=cfg.max_new_tokens, latent_hook=hook)
+            gen = student.generate(batch, max_new_tokens=cfg.max_new_tokens, latent_hook=hook,
+                                   hide_latents=intervene == "hide")
             prefix_text = cfg.encoding.answer_prompt
         else:  # cot / nocot: the model writes everything after the question itself
             items = [replace(encode(e, tok, cfg.encoding, with_cot=False), prompt=(), answer=()) for e in chunk]

@@ -13,6 +13,9 @@ it. An intervention replaces the M latent columns of every layer before the answ
   the example-specific part removed.
 - ``shuffle-slots``: the M slots permuted within each example (a seeded permutation per example): does the
   answer read the slots as an ordered sequence?
+- ``hide``: the M latent columns masked out of the answer's attention (it reads ``[question, <bot>]`` and its
+  own tokens): the accuracy of the route that does not go through the latents at all. Not a cache edit: the
+  mask is applied by :meth:`kava_lab.student.Student.generate` (``hide_latents``).
 
 One oracle, never a method's accuracy (it reads the gold chain of thought):
 
@@ -35,7 +38,7 @@ import torch
 from .encoding import Batch
 from .student import fork_cache, stack_kv
 
-INTERVENTIONS = ("donor", "zero", "mean", "shuffle-slots")
+INTERVENTIONS = ("donor", "zero", "mean", "shuffle-slots", "hide")
 ORACLES = ("target",)  # read the gold CoT: diagnostics, never a method's accuracy
 
 
@@ -92,6 +95,9 @@ def apply_intervention(kind: str, model, state, batch: Batch, seed: int = 0) -> 
     """Replace the latent columns ``[P, P + M)`` of every layer of ``state.cache`` in place."""
     if kind not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {kind!r}; expected one of {INTERVENTIONS}")
+    if kind == "hide":
+        raise ValueError("'hide' masks the latent columns instead of replacing them: "
+                         "Student.generate(batch, hide_latents=True)")
     P, M = batch.P, batch.M
     cache = state.cache
     positions = batch.position_ids[:, P:P + M]  # [B, M]

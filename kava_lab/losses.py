@@ -1,7 +1,7 @@
 """The KaVa objective (kava-method.md §4): KV distillation, CODI distillation, and their combination.
 
     L = teacher_weight * L_teacher + L_student + a1 * L_CODI + a2 * L_KV
-        (+ a_step * L_step + a_target * L_target + a_tf * L_KV_forced, optional)
+        (+ a_step * L_step + a_target * L_target + a_tf * L_KV_forced + a_direct * L_direct, optional)
 
 Teacher-side tensors are always detached here, whatever the caller passes.
 """
@@ -124,8 +124,8 @@ def codi_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, norm: 
 def kava_objective(cfg: LossConfig, teacher_ce: torch.Tensor, student_ce: torch.Tensor | None = None,
                    codi: torch.Tensor | None = None, kv: torch.Tensor | None = None,
                    step: torch.Tensor | None = None, answer_weight: float = 1.0,
-                   target_ce: torch.Tensor | None = None, kv_tf: torch.Tensor | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   target_ce: torch.Tensor | None = None, kv_tf: torch.Tensor | None = None,
+                   direct_ce: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Combine the terms; returns every term separately (``loss`` is the total) for logging.
 
     ``answer_weight`` scales the student's answer CE in the total (0 during a ``loss.answer_after`` warm-up:
@@ -151,5 +151,8 @@ def kava_objective(cfg: LossConfig, teacher_ce: torch.Tensor, student_ce: torch.
     if kv_tf is not None:  # the KV loss of the teacher-forced latent pass (loss.a_tf)
         terms["kv_tf"] = kv_tf
         total = total + cfg.a_tf * kv_tf
+    if direct_ce is not None:  # the answer CE with the latent slots masked out (loss.a_direct)
+        terms["direct_ce"] = direct_ce
+        total = total + cfg.a_direct * direct_ce
     terms["loss"] = total
     return terms

@@ -191,12 +191,17 @@ class Student(nn.Module):
                              forward_passes=state.forward_passes + 1, latents=state.latents,
                              trajectory=state.trajectory, latent_cache=latent_cache)
 
-    def answer(self, batch: Batch, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer(self, batch: Batch, cache, hide_latents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher-forced answer pass ``[<eot>, prompt, answer, eos]`` on top of ``cache`` (holding
         ``[question, <bot>, M latents]``; extended in place): the answer CE ``[]`` and the hidden states of
-        every layer at the last answer-prompt token ``[B, L, D]``."""
+        every layer at the last answer-prompt token ``[B, L, D]``. ``hide_latents``: the M latent columns are
+        masked out of the answer's attention (``loss.a_direct``)."""
         P, M = batch.P, batch.M
-        out = self.model(input_ids=batch.input_ids[:, P + M:], attention_mask=batch.attention_mask,
+        mask = batch.attention_mask  # [B, P + M + S']
+        if hide_latents:
+            mask = mask.clone()
+            mask[:, P:P + M] = 0
+        out = self.model(input_ids=batch.input_ids[:, P + M:], attention_mask=mask,
                          position_ids=batch.position_ids[:, P + M:], past_key_values=cache,
                          labels=batch.labels[:, P + M:], use_cache=True, output_hidden_states=True)
         hidden = torch.stack(out.hidden_states[1:], 1)  # [B, L, S', D]
@@ -225,18 +230,24 @@ class Student(nn.Module):
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 16, latent_hook=None) -> "Generation":
+    def generate(self, batch: Batch, max_new_tokens: int = 16, latent_hook=None,
+                 hide_latents: bool = False) -> "Generation":
         """Latents, then ``[<eot>, prompt]`` in one pass, then greedy answer decoding. ``batch`` is a
         student batch whose examples carry no answer (see :func:`kava_lab.encoding.without_answer`).
         ``latent_hook(state, batch)``, if given, may edit the latent cache before the answer is decoded
-        (see :mod:`kava_lab.intervene`)."""
+        (see :mod:`kava_lab.intervene`). ``hide_latents``: the answer is decoded with the M latent columns
+        masked out of its attention (the ``hide`` intervention)."""
         start = time.perf_counter()
         P, M = batch.P, batch.M
         state = self.latent_loop(batch)
         if latent_hook is not None:
             latent_hook(state, batch)
         lengths = batch.attention_mask.sum(1)  # real tokens so far (question, bot, M, eot, prompt)
-        gen = greedy_decode(self.model, state.cache, batch.input_ids[:, P + M:], batch.attention_mask,
+        mask = batch.attention_mask  # [B, P + M + s]
+        if hide_latents:
+            mask = mask.clone()
+            mask[:, P:P + M] = 0
+        gen = greedy_decode(self.model, state.cache, batch.input_ids[:, P + M:], mask,
                             batch.position_ids[:, P + M:], self.eos_id, max_new_tokens)
         gen.forward_passes = gen.forward_passes + state.forward_passes  # [B]
         gen.cache_tokens = lengths + gen.lengths

@@ -96,7 +96,7 @@ class KaVaObjective(nn.Module):
         super().__init__()
         self.student = student
         self.cfg = cfg
-        for name in ("a_target", "a_tf"):
+        for name in ("a_target", "a_tf", "a_direct"):
             weight = getattr(cfg.loss, name)
             if weight < 0 or (weight and not cfg.uses_latents):
                 raise ValueError(f"loss.{name} must be >= 0 and needs a latent method, found {weight} with "
@@ -158,9 +158,13 @@ class KaVaObjective(nn.Module):
                 target_ce = self._target_ce(student, target, student_batch, teacher_batch)
         step_ce = (step_decoding_loss(model, student.latents, teacher_batch, student_batch.cot_latent_len)
                    if cfg.loss.a_step > 0 else None)
+        # loss.a_direct: the answer read from [question, <bot>] alone (a fork: the latent cache stays as it is)
+        direct_ce = (self.student.answer(student_batch, fork_cache(student.latent_cache), hide_latents=True)[0]
+                     if cfg.loss.a_direct > 0 else None)
         warm = step is not None and step < cfg.loss.answer_after  # KV/CODI warm-up: the answer CE trains nothing
         terms = kava_objective(cfg.loss, teacher.ce, student.ce, codi, kv, step_ce,
-                               answer_weight=0.0 if warm else 1.0, target_ce=target_ce, kv_tf=kv_tf)
+                               answer_weight=0.0 if warm else 1.0, target_ce=target_ce, kv_tf=kv_tf,
+                               direct_ce=direct_ce)
         if kv is not None:
             terms["kv_floor"] = kv_floor  # diagnostic only: not in the loss (losses.kv_content_floor)
         return terms

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin (scripts/render_results.py) -->", "<!-- results:end -->"
-INTERVENTIONS = ("donor", "zero", "mean", "shuffle-slots")
+INTERVENTIONS = ("donor", "zero", "mean", "shuffle-slots", "hide")
 
 
 def load(folder: Path) -> list[dict]:

@@ -119,6 +119,36 @@ def test_mean_shuffle_and_zero(backbone):
 
 
 @torch.no_grad()
+def test_hide_masks_the_latent_columns_out_of_the_answer(backbone):
+    """``hide``: the answer decoded with the latent columns masked out does not change whatever the slots hold
+    (here 50x noise written into them), while the same noise read unmasked changes it; it is a mask, so
+    apply_intervention refuses it, and evaluate reports it like any intervention."""
+    from kava_lab.intervene import write_latents
+
+    student = _student(backbone, M=4)
+    examples = make_synthetic(8, split="test", trace="nl")
+    batch = _batch(backbone, examples, M=4)
+    P, M = batch.P, batch.M
+    gen = torch.Generator().manual_seed(0)
+
+    def noise(state, b):
+        keys, values = stack_kv(state.cache, P, P + M)
+        write_latents(state.cache, P, M, 50 * torch.randn(keys.shape, generator=gen),
+                      50 * torch.randn(values.shape, generator=gen))
+
+    hidden = student.generate(batch, max_new_tokens=4, hide_latents=True).tokens
+    assert student.generate(batch, max_new_tokens=4, latent_hook=noise, hide_latents=True).tokens == hidden
+    assert student.generate(batch, max_new_tokens=4, latent_hook=noise).tokens != hidden
+    state = student.latent_loop(batch)
+    with pytest.raises(ValueError, match="hide_latents"):
+        apply_intervention("hide", backbone.model, state, batch)
+    cfg = dataclasses.replace(get_preset("tiny", "kava", trace="nl"), latent=LatentConfig(mode="jacobi", M=4, T=2),
+                              max_new_tokens=4)
+    summary = evaluate(student, backbone, cfg, examples, batch_size=8, intervene="hide")
+    assert summary["intervention"] == "hide" and summary["n"] == 8
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("kv_keys", ["post_rope", "pre_rope"])
 def test_target_oracle_puts_the_kv_loss_target_in_the_latent_slots(backbone, kv_keys):
     """The oracle's latent columns are the compressed teacher cache of the gold CoT, as in training: exactly
@@ -204,7 +234,7 @@ def test_evaluate_interventions_reports_each_kind_beside_the_plain_run(backbone)
     student = _student(backbone, M=4, T=1)
     examples = make_synthetic(4, split="test", trace="nl")
     out = evaluate_interventions(student, backbone, cfg, examples, batch_size=4)
-    assert list(out) == ["plain", "donor", "zero", "mean", "shuffle-slots", "target"]
+    assert list(out) == ["plain", "donor", "zero", "mean", "shuffle-slots", "hide", "target"]
     assert out["target"]["intervention"] == "target" and out["target"]["n"] == 4
     no_kv = dataclasses.replace(cfg, method="pccot", loss=dataclasses.replace(cfg.loss, a2=0.0))
     assert "target" not in evaluate_interventions(student, backbone, no_kv, examples, batch_size=4)
@@ -264,10 +294,10 @@ def test_cli_eval_intervene_prints_and_writes_every_intervention(tmp_path, capsy
     run = train(cfg, tmp_path / "run", log=lambda s: None)
     assert main(["eval", str(run), "--intervene", "all"]) == 0
     out = capsys.readouterr().out
-    for kind in ("plain", "donor", "zero", "mean", "shuffle-slots", "target"):
+    for kind in ("plain", "donor", "zero", "mean", "shuffle-slots", "hide", "target"):
         assert kind in out
     record = json.loads((run / "interventions.json").read_text())
-    assert list(record["results"]) == ["plain", "donor", "zero", "mean", "shuffle-slots", "target"]
+    assert list(record["results"]) == ["plain", "donor", "zero", "mean", "shuffle-slots", "hide", "target"]
     assert record["results"]["plain"]["n"] == 6
 
 

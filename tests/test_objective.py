@@ -347,6 +347,48 @@ def test_read_out_loss_is_the_answer_ce_from_the_target_oracle_cache(tiny_backbo
             KaVaObjective(student, bad)
 
 
+def test_direct_route_loss_is_the_answer_ce_with_the_latent_slots_masked_out(tiny_backbone):
+    """loss.a_direct: the term is the answer CE read from [question, <bot>] with the M latent slots masked out of
+    the answer's attention: it does not change when other K/V sit in the slots, it differs from the answer CE
+    through the latents, it enters the loss with weight a_direct, and it trains no part of the latent loop (no
+    gradient reaches the projection). A negative weight or a method without latents is refused."""
+    from kava_lab.config import LossConfig
+    from kava_lab.intervene import write_latents
+    from kava_lab.student import Student, fork_cache
+    from kava_lab.train import KaVaObjective
+
+    b = tiny_backbone
+    base = get_preset("tiny", "kava", trace="nl")
+    cfg = dataclasses.replace(base, latent=LatentConfig(mode="jacobi", M=4, T=1),
+                              loss=dataclasses.replace(base.loss, a_direct=0.5))
+    items = [encode(e, b.tokenizer) for e in make_synthetic(4, trace="nl", min_steps=3, max_steps=5)]
+    collate = Collator.for_backbone(b)
+    tb, sb = collate(items, "teacher"), collate(items, "student", M=4)
+    student = Student(b.model, cfg.latent, b.eos_id, b.eot_id).eval()
+    terms = KaVaObjective(student, cfg)(tb, sb)
+    rest = terms["teacher_ce"] + terms["student_ce"] + cfg.loss.a1 * terms["codi"] + cfg.loss.a2 * terms["kv"]
+    assert torch.allclose(terms["loss"], rest + 0.5 * terms["direct_ce"])
+    with torch.no_grad():
+        state = student.latent_loop(sb)
+        keys = torch.stack([layer.keys[:, :, sb.P:sb.P + 4] for layer in state.cache.layers], 1)
+        noise = fork_cache(state.cache)
+        write_latents(noise, sb.P, 4, 50 * torch.randn_like(keys), 50 * torch.randn_like(keys))
+        hidden = student.answer(sb, fork_cache(noise), hide_latents=True)[0]
+        seen = student.answer(sb, fork_cache(noise))[0]
+    assert torch.allclose(terms["direct_ce"], hidden, atol=1e-5)  # the slots' contents do not reach it
+    assert abs(seen.item() - hidden.item()) > 1e-3  # unmasked, the same noise does
+    student.zero_grad()
+    terms["direct_ce"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in student.projection.parameters())
+    assert b.model.get_output_embeddings().weight.grad.abs().sum() > 0
+    b.model.zero_grad()
+    nocot = get_preset("tiny", "nocot", trace="nl")
+    for bad in (dataclasses.replace(cfg, loss=LossConfig(a_direct=-1.0)),
+                dataclasses.replace(nocot, loss=LossConfig(a_direct=1.0))):
+        with pytest.raises(ValueError, match="a_direct"):
+            KaVaObjective(student, bad)
+
+
 def test_forced_pass_loss_is_the_kv_loss_of_the_teacher_forced_slots(tiny_backbone):
     """loss.a_tf: the term is the KV loss (same keys, weights, normalisation) between what the final latent inputs
     write over [question, <bot>, target in the slots] (Student.forced_pass) and the target; it enters the loss

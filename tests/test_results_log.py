@@ -49,13 +49,13 @@ def test_log_table_shows_each_intervention_the_counterfactual_rate_and_the_oracl
               "overrides": ["data.train=synthetic:5-8", "optim.steps=8"], "train_minutes": 1.5, "why": "a|b",
               "date": "2026-12-01", "evals": {"val": {"plain": summary(0.5), "interventions": {
                   "donor": summary(0.2, counterfactual_rate=0.25), "zero": summary(0.1), "mean": summary(0.3),
-                  "shuffle-slots": summary(0.4), "target": summary(0.9)}}}}
+                  "shuffle-slots": summary(0.4), "hide": summary(0.45), "target": summary(0.9)}}}}
     row = rr.log_table([record]).splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["r1", "kava", "nl", "0", "synthetic:5-8", "optim.steps=8", "?", "1.5", "50.0", "20.0", "10.0",
-                     "30.0", "40.0", "25.0", "90.0", "a/b"]
+                     "30.0", "40.0", "45.0", "25.0", "90.0", "a/b"]
     old = dict(record, evals={"val": {"plain": summary(0.5)}})  # a No-CoT-like record: no interventions
-    assert rr.log_table([old]).splitlines()[-1].count("–") == 6
+    assert rr.log_table([old]).splitlines()[-1].count("–") == 7
 
 
 def test_seed_table_gives_mean_and_std_and_leaves_out_single_seed_settings():
