@@ -40,7 +40,7 @@ from kava_lab.loaders import load_examples  # noqa: E402
 
 
 # logged loss terms
-TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv", "kv_floor", "step_ce", "target_ce", "kv_tf")
+TERMS = ("loss", "teacher_ce", "student_ce", "codi", "kv", "kv_floor", "step_ce", "target_ce", "kv_tf", "direct_ce")
 
 
 def _git_commit() -> str | None:
