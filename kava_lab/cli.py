@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intervene", nargs="+",
                    choices=("donor", "zero", "mean", "shuffle-slots", "hide", "target", "all"),
                    help="also decode with the latent cache intervened on (donor swap, zeroed inputs, batch "
-                        "mean, shuffled slots, latents hidden from the answer; 'target' is an oracle that reads the gold CoT: the compressed "
+                        "mean, shuffled slots, latents hidden from the answer; 'target' is an oracle that reads "
+                        "the gold CoT: the compressed "
                         "teacher cache the KV loss aims at); prints accuracy under each next to the untouched run")
     p.set_defaults(fn=_eval)
 

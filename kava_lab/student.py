@@ -76,6 +76,14 @@ def fork_cache(cache):
     return new
 
 
+def without_latents(batch: Batch) -> torch.Tensor:
+    """``batch.attention_mask`` ``[B, S]`` with the M latent columns ``[P, P + M)`` masked out: what an answer reads
+    when its latents are hidden (``loss.a_direct``, the ``hide`` intervention)."""
+    mask = batch.attention_mask.clone()
+    mask[:, batch.P:batch.P + batch.M] = 0
+    return mask
+
+
 def stack_kv(cache, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of columns ``[start, stop)`` of every layer: two ``[B, L, H_kv, n, d]`` tensors."""
     keys = torch.stack([layer.keys[:, :, start:stop] for layer in cache.layers], 1)
@@ -197,10 +205,7 @@ class Student(nn.Module):
         every layer at the last answer-prompt token ``[B, L, D]``. ``hide_latents``: the M latent columns are
         masked out of the answer's attention (``loss.a_direct``)."""
         P, M = batch.P, batch.M
-        mask = batch.attention_mask  # [B, P + M + S']
-        if hide_latents:
-            mask = mask.clone()
-            mask[:, P:P + M] = 0
+        mask = without_latents(batch) if hide_latents else batch.attention_mask  # [B, P + M + S']
         out = self.model(input_ids=batch.input_ids[:, P + M:], attention_mask=mask,
                          position_ids=batch.position_ids[:, P + M:], past_key_values=cache,
                          labels=batch.labels[:, P + M:], use_cache=True, output_hidden_states=True)
@@ -243,10 +248,7 @@ class Student(nn.Module):
         if latent_hook is not None:
             latent_hook(state, batch)
         lengths = batch.attention_mask.sum(1)  # real tokens so far (question, bot, M, eot, prompt)
-        mask = batch.attention_mask  # [B, P + M + s]
-        if hide_latents:
-            mask = mask.clone()
-            mask[:, P:P + M] = 0
+        mask = without_latents(batch) if hide_latents else batch.attention_mask  # [B, P + M + s]
         gen = greedy_decode(self.model, state.cache, batch.input_ids[:, P + M:], mask,
                             batch.position_ids[:, P + M:], self.eos_id, max_new_tokens)
         gen.forward_passes = gen.forward_passes + state.forward_passes  # [B]
