@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                    choices=("donor", "zero", "mean", "shuffle-slots", "hide", "target", "all"),
                    help="also decode with the latent cache intervened on (donor swap, zeroed inputs, batch "
                         "mean, shuffled slots, latents hidden from the answer; 'target' is an oracle that reads "
-                        "the gold CoT: the compressed "
-                        "teacher cache the KV loss aims at); prints accuracy under each next to the untouched run")
+                        "the gold CoT: the compressed teacher cache the KV loss aims at); prints accuracy under "
+                        "each next to the untouched run")
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("lab", help="the main job: run every notebook with papermill into a run folder")

@@ -354,7 +354,7 @@ def test_direct_route_loss_is_the_answer_ce_with_the_latent_slots_masked_out(tin
     gradient reaches the projection). A negative weight or a method without latents is refused."""
     from kava_lab.config import LossConfig
     from kava_lab.intervene import write_latents
-    from kava_lab.student import Student, fork_cache
+    from kava_lab.student import Student, fork_cache, stack_kv
     from kava_lab.train import KaVaObjective
 
     b = tiny_backbone
@@ -370,7 +370,7 @@ def test_direct_route_loss_is_the_answer_ce_with_the_latent_slots_masked_out(tin
     assert torch.allclose(terms["loss"], rest + 0.5 * terms["direct_ce"])
     with torch.no_grad():
         state = student.latent_loop(sb)
-        keys = torch.stack([layer.keys[:, :, sb.P:sb.P + 4] for layer in state.cache.layers], 1)
+        keys = stack_kv(state.cache, sb.P, sb.P + 4)[0]
         noise = fork_cache(state.cache)
         write_latents(noise, sb.P, 4, 50 * torch.randn_like(keys), 50 * torch.randn_like(keys))
         hidden = student.answer(sb, fork_cache(noise), hide_latents=True)[0]
