@@ -14,7 +14,9 @@ Every backbone gets the special tokens ``<bot>``, ``<eot>``, ``<latent>`` and a 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -247,6 +249,22 @@ def _load_tokenizer(location: str, extra: dict):
         if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(location)
     return AutoTokenizer.from_pretrained(location, **extra)
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def forward_cached(model: torch.nn.Module, cache, **kwargs):
+    """``model(**kwargs, use_cache=True)`` reading and extending ``cache`` (None starts a new one). Returns
+    ``(output, cache)``. transformers renamed the forward keyword and the output field ``past_key_values`` to
+    ``cache`` (the old names warn in 5.2x and go in 5.40); this takes whichever the installed model declares,
+    so the kit runs on both sides of the rename. A PEFT wrapper is looked through to its base model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = _cache_keyword(type(base))
+    out = model(**kwargs, use_cache=True, **{name: cache})
+    return out, out[name]
 
 
 def compile_blocks(model: torch.nn.Module) -> int:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from .backbone import forward_cached
 from .encoding import Batch
 from .student import fork_cache, stack_kv
 
@@ -106,9 +107,9 @@ def apply_intervention(kind: str, model, state, batch: Batch, seed: int = 0) -> 
         question.crop(-(question.get_seq_length() - P))  # keep [question, <bot>]
         D = state.latents.shape[-1]
         zeros = torch.zeros(len(batch), M, D, dtype=state.latents.dtype, device=state.latents.device)
-        out = model(inputs_embeds=zeros, attention_mask=batch.attention_mask[:, :P + M], position_ids=positions,
-                    past_key_values=question, use_cache=True)
-        new_k, new_v = stack_kv(out.past_key_values, P, P + M)
+        _, question = forward_cached(model, question, inputs_embeds=zeros,
+                                     attention_mask=batch.attention_mask[:, :P + M], position_ids=positions)
+        new_k, new_v = stack_kv(question, P, P + M)
     else:
         keys, values = stack_kv(cache, P, P + M)  # [B, L, H, M, d]
         rotary = rotary_module(model)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .backbone import forward_cached
 from .config import LatentConfig
 from .encoding import Batch
 
@@ -127,10 +128,10 @@ class Student(nn.Module):
 
     # ----------------------------------------------------------------------------------- latent loop
     def _run(self, cache, embeds, attention_mask, position_ids):
-        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, output_hidden_states=True,
-                         logits_to_keep=1)  # latent passes read hidden states only: no [B, S, V] logits
-        return out.past_key_values, out.hidden_states[-1]
+        out, cache = forward_cached(self.model, cache, inputs_embeds=embeds, attention_mask=attention_mask,
+                                    position_ids=position_ids, output_hidden_states=True,
+                                    logits_to_keep=1)  # latent passes read hidden states only: no [B, S, V] logits
+        return cache, out.hidden_states[-1]
 
     def latent_loop(self, batch: Batch, record: bool = False, question_cache=None) -> LatentState:
         """Run the latent reasoning of a student batch (prefix + M latent columns), no answer yet.
@@ -150,11 +151,11 @@ class Student(nn.Module):
                              f"question spans {P - 1}")
         trajectory: list[dict] = []
         if cfg.mode == "jacobi":
-            out = self.model(input_ids=ids[:, start:P + M], attention_mask=am[:, :P + M],
-                             position_ids=pos[:, start:P + M], past_key_values=question_cache, use_cache=True,
-                             output_hidden_states=True, logits_to_keep=1)
+            out, cache = forward_cached(self.model, question_cache, input_ids=ids[:, start:P + M],
+                                        attention_mask=am[:, :P + M], position_ids=pos[:, start:P + M],
+                                        output_hidden_states=True, logits_to_keep=1)
             h = out.hidden_states[-1]  # [B, P+M-start, D]
-            cache, passes = out.past_key_values, 1
+            passes = 1
             if record:
                 trajectory.append({"inputs": None, "outputs": h[:, P - start:P + M - start].detach()})
             if cfg.T == 0:  # pause tokens: the placeholders' own cache is the latent cache
@@ -170,10 +171,10 @@ class Student(nn.Module):
                     z = torch.cat([z[:, :1], self.projection(o[:, :-1])], 1)
             return LatentState(pass_cache, z, passes, trajectory)
         if cfg.mode == "sequential":
-            out = self.model(input_ids=ids[:, start:P], attention_mask=am[:, :P], position_ids=pos[:, start:P],
-                             past_key_values=question_cache, use_cache=True, output_hidden_states=True,
-                             logits_to_keep=1)
-            cache, passes = out.past_key_values, 1
+            out, cache = forward_cached(self.model, question_cache, input_ids=ids[:, start:P],
+                                        attention_mask=am[:, :P], position_ids=pos[:, start:P],
+                                        output_hidden_states=True, logits_to_keep=1)
+            passes = 1
             z = self.projection(out.hidden_states[-1][:, P - 1 - start:P - start])  # [B, 1, D] from <bot>
             inputs = []
             for i in range(M):
@@ -206,9 +207,9 @@ class Student(nn.Module):
         masked out of the answer's attention (``loss.a_direct``)."""
         P, M = batch.P, batch.M
         mask = without_latents(batch) if hide_latents else batch.attention_mask  # [B, P + M + S']
-        out = self.model(input_ids=batch.input_ids[:, P + M:], attention_mask=mask,
-                         position_ids=batch.position_ids[:, P + M:], past_key_values=cache,
-                         labels=batch.labels[:, P + M:], use_cache=True, output_hidden_states=True)
+        out, _ = forward_cached(self.model, cache, input_ids=batch.input_ids[:, P + M:], attention_mask=mask,
+                                position_ids=batch.position_ids[:, P + M:], labels=batch.labels[:, P + M:],
+                                output_hidden_states=True)
         hidden = torch.stack(out.hidden_states[1:], 1)  # [B, L, S', D]
         anchor = (batch.anchor - (P + M))[:, None, None, None].expand(-1, hidden.shape[1], 1, hidden.shape[-1])
         return out.loss, hidden.gather(2, anchor)[:, :, 0]
@@ -229,9 +230,9 @@ class Student(nn.Module):
         allowed = torch.cat([question, earlier.expand(B, 1, M, M), own.expand(B, 1, M, M)], -1)  # [B, 1, M, P+2M]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=latents.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)  # additive: eager and SDPA attention read it as-is
-        out = self.model(inputs_embeds=latents, attention_mask=mask, position_ids=batch.position_ids[:, P:P + M],
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return stack_kv(out.past_key_values, P + M, P + 2 * M)
+        _, cache = forward_cached(self.model, cache, inputs_embeds=latents, attention_mask=mask,
+                                  position_ids=batch.position_ids[:, P:P + M], logits_to_keep=1)
+        return stack_kv(cache, P + M, P + 2 * M)
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -277,10 +278,9 @@ def greedy_decode(model, cache, suffix_ids, attention_mask, suffix_positions, eo
     # Rows may be padded on either side: take the logits at each row's last real suffix token.
     suffix_mask = attention_mask[:, -suffix_ids.shape[1]:]
     last = (suffix_mask * torch.arange(1, suffix_mask.shape[1] + 1, device=device)).argmax(1)  # [B]
-    out = model(input_ids=suffix_ids, attention_mask=attention_mask, position_ids=suffix_positions,
-                past_key_values=cache, use_cache=True)
+    out, cache = forward_cached(model, cache, input_ids=suffix_ids, attention_mask=attention_mask,
+                                position_ids=suffix_positions)
     logits = out.logits[torch.arange(B, device=device), last]  # [B, V]
-    cache = out.past_key_values
     next_pos = suffix_positions[torch.arange(B, device=device), last] + 1  # [B]
     mask = attention_mask
     out_ids = torch.full((B, max(max_new_tokens, 1)), eos_id, dtype=torch.long, device=device)  # [B, new]
@@ -296,9 +296,9 @@ def greedy_decode(model, cache, suffix_ids, attention_mask, suffix_positions, eo
             break
         # Padded suffix rows: the new token goes after the pads; pads stay masked out.
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out, cache = forward_cached(model, cache, input_ids=nxt[:, None], attention_mask=mask,
+                                    position_ids=next_pos[:, None])
+        logits = out.logits[:, -1]
         next_pos = next_pos + 1
         passes += (~done).long()
     # tokens before each row's eos (or all of them when it never came), one conversion at the end

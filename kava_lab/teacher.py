@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .backbone import forward_cached
 from .encoding import Batch, Collator, EncodingConfig, encode
 
 _CAPTURE = "kava_capture"
@@ -145,10 +146,8 @@ def extract_teacher(model, batch: Batch, with_grad: bool = False, keep_cache: bo
     P = batch.P
     context = contextlib.nullcontext() if with_grad else torch.no_grad()
     with context, capture_queries(model) as queries:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, labels=batch.labels, use_cache=True,
-                    output_hidden_states=True)
-    cache = out.past_key_values
+        out, cache = forward_cached(model, None, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, labels=batch.labels, output_hidden_states=True)
     L = len(cache.layers)
     keys = torch.stack([cache.layers[i].keys[:, :, P:P + cot_n] for i in range(L)], 1).detach()
     values = torch.stack([cache.layers[i].values[:, :, P:P + cot_n] for i in range(L)], 1).detach()

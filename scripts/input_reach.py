@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kava_lab.backbone import forward_cached  # noqa: E402
 from kava_lab.encoding import Collator, encode  # noqa: E402
 from kava_lab.intervene import compress_target  # noqa: E402
 from kava_lab.loaders import load_examples  # noqa: E402
@@ -54,10 +55,10 @@ def batch_reach(student, cfg, objective, sb, tb, teacher, steps: int, lr: float)
         true_past = objective._target_cache(loop, target, sb, tb)  # the target in the slots, as loss.a_tf reads it
 
     def free(z):  # an ordinary causal pass of the M inputs over [question, <bot>]: the last pass of any loop
-        out = model(inputs_embeds=z, attention_mask=sb.attention_mask[:, :P + M],
-                    position_ids=sb.position_ids[:, P:P + M], past_key_values=fork_cache(question), use_cache=True,
-                    logits_to_keep=1)
-        return stack_kv(out.past_key_values, P, P + M)
+        _, cache = forward_cached(model, fork_cache(question), inputs_embeds=z,
+                                  attention_mask=sb.attention_mask[:, :P + M],
+                                  position_ids=sb.position_ids[:, P:P + M], logits_to_keep=1)
+        return stack_kv(cache, P, P + M)
 
     def forced(z):  # over the true compressed past
         return student.forced_pass(sb, fork_cache(true_past), z)

@@ -73,3 +73,34 @@ def test_smollm2_loads_and_generates():
     out = b.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=b.pad_id)
     text = b.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+def test_forward_cached_follows_the_declared_keyword():
+    """A model on either side of transformers' rename gets the cache under the keyword its forward declares and
+    hands back the cache from the output field of that name; a PEFT-style wrapper is looked through."""
+    from kava_lab.backbone import forward_cached
+
+    class Old(torch.nn.Module):  # before the rename
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return {"logits": input_ids, "past_key_values": (past_key_values or []) + [use_cache]}
+
+    class New(torch.nn.Module):  # after it
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+            assert "past_key_values" not in kwargs
+            return {"logits": input_ids, "cache": (cache or []) + [use_cache]}
+
+    class Wrapper(torch.nn.Module):  # forwards **kwargs, like peft's PeftModelForCausalLM
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+        def forward(self, **kwargs):
+            return self.base(**kwargs)
+
+    for model in (Old(), New(), Wrapper(Old()), Wrapper(New())):
+        out, cache = forward_cached(model, ["held"], input_ids=7)
+        assert out["logits"] == 7 and cache == ["held", True]
+        assert forward_cached(model, None, input_ids=1)[1] == [True]

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from kava_lab.backbone import TinyConfig, build_tiny, load_backbone
+from kava_lab.backbone import TinyConfig, build_tiny, forward_cached, load_backbone
 from kava_lab.config import LatentConfig, get_preset
 from kava_lab.data import Example
 from kava_lab.encoding import Collator, encode, without_answer
@@ -40,8 +40,8 @@ def _batch(bb, examples, M=4):
 
 def _keys_at(bb, embeds, positions):
     """Layer-0.. keys of ``embeds`` [1, n, D] run alone at ``positions`` [1, n]: [1, L, H, n, d]."""
-    out = bb.model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
-    return stack_kv(out.past_key_values, 0, embeds.shape[1])[0]
+    _, cache = forward_cached(bb.model, None, inputs_embeds=embeds, position_ids=positions)
+    return stack_kv(cache, 0, embeds.shape[1])[0]
 
 
 @torch.no_grad()
@@ -108,11 +108,11 @@ def test_mean_shuffle_and_zero(backbone):
     state = student.latent_loop(batch)
     apply_intervention("zero", backbone.model, state, batch)
     k3, _ = stack_kv(state.cache, P, P + M)
-    question = student.model(input_ids=batch.input_ids[:, :P], attention_mask=batch.attention_mask[:, :P],
-                             position_ids=batch.position_ids[:, :P], use_cache=True).past_key_values
+    _, question = forward_cached(student.model, None, input_ids=batch.input_ids[:, :P],
+                                 attention_mask=batch.attention_mask[:, :P], position_ids=batch.position_ids[:, :P])
     zeros = torch.zeros(4, M, SMALL.hidden_size)
-    ref = student.model(inputs_embeds=zeros, attention_mask=batch.attention_mask[:, :P + M], position_ids=pos,
-                        past_key_values=question, use_cache=True).past_key_values
+    _, ref = forward_cached(student.model, question, inputs_embeds=zeros,
+                            attention_mask=batch.attention_mask[:, :P + M], position_ids=pos)
     assert torch.allclose(k3, stack_kv(ref, P, P + M)[0], atol=1e-5)
     with pytest.raises(ValueError, match="unknown intervention"):
         apply_intervention("swap", backbone.model, state, batch)

@@ -8,7 +8,7 @@ between rows makes these tests fail. Tiny random Llama with GQA, no downloads.
 import pytest
 import torch
 
-from kava_lab.backbone import TinyConfig, build_tiny, load_backbone
+from kava_lab.backbone import TinyConfig, build_tiny, forward_cached, load_backbone
 from kava_lab.config import LatentConfig
 from kava_lab.encoding import Collator, encode, without_answer
 from kava_lab.student import Student, greedy_decode, stack_kv
@@ -38,8 +38,8 @@ def _batch(bb, M, n=3, answer=False):
 
 def _question_cache(model, batch):
     P = batch.P
-    return model(input_ids=batch.input_ids[:, :P], attention_mask=batch.attention_mask[:, :P],
-                 position_ids=batch.position_ids[:, :P], use_cache=True).past_key_values
+    return forward_cached(model, None, input_ids=batch.input_ids[:, :P], attention_mask=batch.attention_mask[:, :P],
+                          position_ids=batch.position_ids[:, :P])[1]
 
 
 @torch.no_grad()
@@ -54,12 +54,13 @@ def test_jacobi_matches_a_hand_rolled_loop(bb):
               output_hidden_states=True).hidden_states[-1]
     z = proj(torch.stack([h[:, P - 1 + i] for i in range(M)], 1))
     for t in range(T):  # each pass on a freshly computed question cache
-        out = model(inputs_embeds=z, attention_mask=am[:, :P + M], position_ids=pos[:, P:P + M],
-                    past_key_values=_question_cache(model, batch), use_cache=True, output_hidden_states=True)
+        out, cache = forward_cached(model, _question_cache(model, batch), inputs_embeds=z,
+                                    attention_mask=am[:, :P + M], position_ids=pos[:, P:P + M],
+                                    output_hidden_states=True)
         o = out.hidden_states[-1]
         if t < T - 1:
             z = torch.cat([z[:, :1]] + [proj(o[:, i:i + 1]) for i in range(M - 1)], 1)  # z_1 stays, z_{i+1} = P(o_i)
-    ref_k, ref_v = stack_kv(out.past_key_values, P, P + M)
+    ref_k, ref_v = stack_kv(cache, P, P + M)
     state = student.latent_loop(batch)
     assert state.forward_passes == 1 + T
     assert torch.allclose(state.latents, z, atol=1e-5)
@@ -74,11 +75,11 @@ def test_t0_is_pause_tokens(bb):
     student = _student(bb, M=M, T=0)
     batch = _batch(bb, M)
     P = batch.P
-    out = bb.model(input_ids=batch.input_ids[:, :P + M], attention_mask=batch.attention_mask[:, :P + M],
-                   position_ids=batch.position_ids[:, :P + M], use_cache=True)
+    _, ref = forward_cached(bb.model, None, input_ids=batch.input_ids[:, :P + M],
+                            attention_mask=batch.attention_mask[:, :P + M], position_ids=batch.position_ids[:, :P + M])
     state = student.latent_loop(batch)
     assert state.forward_passes == 1
-    for a, b in zip(stack_kv(state.cache, P, P + M), stack_kv(out.past_key_values, P, P + M)):
+    for a, b in zip(stack_kv(state.cache, P, P + M), stack_kv(ref, P, P + M)):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -221,9 +222,10 @@ def test_forced_pass_reads_the_question_the_given_earlier_slots_and_itself(tiny_
             cache = fork_cache(question)
             if j:
                 write_latents(cache, P, j, given_k[:, :, :, :j], given_v[:, :, :, :j])
-            out = b.model(inputs_embeds=latents[:, j:j + 1], attention_mask=sb.attention_mask[:, :P + j + 1],
-                          position_ids=sb.position_ids[:, P + j:P + j + 1], past_key_values=cache, use_cache=True)
-            rk, rv = stack_kv(out.past_key_values, P + j, P + j + 1)
+            _, cache = forward_cached(b.model, cache, inputs_embeds=latents[:, j:j + 1],
+                                      attention_mask=sb.attention_mask[:, :P + j + 1],
+                                      position_ids=sb.position_ids[:, P + j:P + j + 1])
+            rk, rv = stack_kv(cache, P + j, P + j + 1)
             assert torch.allclose(fk[:, :, :, j:j + 1], rk, atol=1e-5), j
             assert torch.allclose(fv[:, :, :, j:j + 1], rv, atol=1e-5), j
         later_k = given_k.clone()
@@ -237,3 +239,23 @@ def test_forced_pass_reads_the_question_the_given_earlier_slots_and_itself(tiny_
         assert not torch.allclose(forced(later_k, given_v, latents)[0][:, :, :, 3], fk[:, :, :, 3])
         with pytest.raises(ValueError, match="forced_pass"):
             student.forced_pass(sb, fork_cache(question), latents)
+
+
+def test_forward_passes_use_the_installed_cache_keyword(bb):
+    """transformers renamed forward's ``past_key_values`` to ``cache`` (the old name warns, then goes in 5.40):
+    the latent loop (both modes), the answer pass, decoding and teacher extraction call the model under the
+    name it declares, so no deprecation warning fires (fails if any call site passes the old name)."""
+    import warnings
+
+    from kava_lab.teacher import extract_teacher
+
+    teacher_batch = Collator.for_backbone(bb)(
+        [encode(e, bb.tokenizer) for e in make_synthetic(2, split="test", trace="nl", min_steps=2, max_steps=3)],
+        "teacher")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        for mode in ("jacobi", "sequential"):
+            student = _student(bb, mode=mode)
+            student(_batch(bb, 3, answer=True))
+            student.generate(_batch(bb, 3), max_new_tokens=2)
+        extract_teacher(bb.model, teacher_batch)

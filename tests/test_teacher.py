@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from kava_lab.backbone import forward_cached
 from kava_lab.encoding import Collator, encode
 from kava_lab.synthetic import make_synthetic
 from kava_lab.teacher import TeacherOutput, capture_queries, extract_teacher
@@ -37,9 +38,9 @@ def test_cache_keys_match_cache(batch_and_items):
     b, items, batch = batch_and_items
     out = extract_teacher(b.model, batch)
     with torch.no_grad():
-        ref = b.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, use_cache=True)
-    k0 = ref.past_key_values.layers[0].keys[:, :, batch.P:batch.P + out.cot_keys.shape[3]]
+        _, ref = forward_cached(b.model, None, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids)
+    k0 = ref.layers[0].keys[:, :, batch.P:batch.P + out.cot_keys.shape[3]]
     torch.testing.assert_close(out.cot_keys[:, 0], k0)
 
 
@@ -65,11 +66,11 @@ def test_logits_match_eager_attention(batch_and_items):
     model.config._attn_implementation = "eager"
     try:
         with torch.no_grad(), capture_queries(model) as q:
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, use_cache=True, output_attentions=True)
+            out, cache = forward_cached(model, None, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                        position_ids=batch.position_ids, output_attentions=True)
     finally:
         model.config._attn_implementation = previous
-    keys = out.past_key_values.layers[0].keys
+    keys = cache.layers[0].keys
     rep = q[0].shape[1] // keys.shape[1]
     logits = q[0] @ keys.repeat_interleave(rep, 1).transpose(-1, -2) * q["scaling"]
     S = logits.shape[-1]
