@@ -22,6 +22,9 @@ class LatentConfig:
     mode: str = "jacobi"  # "jacobi" (PCCoT / KaVa), "sequential" (CODI), "none" (cot, nocot)
     M: int = 24  # latent slots
     T: int = 3  # Jacobi iterations (ignored in sequential mode)
+    # training only: each step draws its Jacobi iterations uniformly from T_min..T (one draw per batch), so the
+    # loop is trained as an iteration the answer can read after any pass; evaluation runs T. None: always T.
+    T_min: int | None = None
     projection: bool = True  # Linear-GELU-Linear-LayerNorm on last-layer hidden states; False: identity
     # what a latent pass feeds the next: "projection" (Projection(h), the paper) or "soft_token" (the mixture of
     # token embeddings the model's own LM head predicts from h, softmax(logits(h) / tau) @ E: an input of the

@@ -125,6 +125,17 @@ class Student(nn.Module):
         self.eos_id, self.eot_id = eos_id, eot_id
         d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
         self.projection = latent_input(model, cfg, d)
+        if cfg.T_min is not None and not (cfg.mode == "jacobi" and 1 <= cfg.T_min <= cfg.T):
+            raise ValueError(f"latent.T_min={cfg.T_min} needs latent.mode='jacobi' and 1 <= T_min <= T={cfg.T} "
+                             f"(mode {cfg.mode!r})")
+
+    def iterations(self) -> int:
+        """Jacobi iterations of this call: T, or in training with ``latent.T_min`` set a draw from T_min..T
+        (torch's generator, so a seeded run and its resumed checkpoint draw the same)."""
+        cfg = self.cfg
+        if cfg.T_min is None or not self.training:
+            return cfg.T
+        return int(torch.randint(cfg.T_min, cfg.T + 1, ()))
 
     # ----------------------------------------------------------------------------------- latent loop
     def _run(self, cache, embeds, attention_mask, position_ids):
@@ -158,16 +169,17 @@ class Student(nn.Module):
             passes = 1
             if record:
                 trajectory.append({"inputs": None, "outputs": h[:, P - start:P + M - start].detach()})
-            if cfg.T == 0:  # pause tokens: the placeholders' own cache is the latent cache
+            T = self.iterations()
+            if T == 0:  # pause tokens: the placeholders' own cache is the latent cache
                 return LatentState(cache, self.model.get_input_embeddings()(ids[:, P:P + M]), passes, trajectory)
             z = self.projection(h[:, P - 1 - start:P + M - 1 - start])  # [B, M, D] shifted: z_1 from <bot>
             cache.crop(-M)  # keep [question, <bot>]
-            for t in range(cfg.T):
+            for t in range(T):
                 pass_cache, o = self._run(fork_cache(cache), z, am[:, :P + M], pos[:, P:P + M])
                 passes += 1
                 if record:
                     trajectory.append({"inputs": z.detach(), "outputs": o.detach()})
-                if t < cfg.T - 1:
+                if t < T - 1:
                     z = torch.cat([z[:, :1], self.projection(o[:, :-1])], 1)
             return LatentState(pass_cache, z, passes, trajectory)
         if cfg.mode == "sequential":

@@ -259,3 +259,21 @@ def test_forward_passes_use_the_installed_cache_keyword(bb):
             student(_batch(bb, 3, answer=True))
             student.generate(_batch(bb, 3), max_new_tokens=2)
         extract_teacher(bb.model, teacher_batch)
+
+
+def test_t_min_draws_iterations_in_training_only(bb):
+    """latent.T_min: a training-mode loop runs a drawn number of Jacobi passes in T_min..T (every value
+    reached, the draw reproducible from torch's seed); evaluation always runs T; bad settings are refused."""
+    student = Student(bb.model, LatentConfig(M=3, T=4, T_min=2), eos_id=bb.eos_id, eot_id=bb.eot_id)
+    batch = _batch(bb, 3, answer=True)
+    student.train()
+    torch.manual_seed(5)
+    drawn = [student.latent_loop(batch).forward_passes - 1 for _ in range(24)]
+    assert set(drawn) == {2, 3, 4}
+    torch.manual_seed(5)
+    assert [student.latent_loop(batch).forward_passes - 1 for _ in range(24)] == drawn
+    student.eval()
+    assert {student.latent_loop(batch).forward_passes - 1 for _ in range(5)} == {4}
+    for bad in (dict(T=3, T_min=4), dict(T=3, T_min=0), dict(mode="sequential", T_min=1)):
+        with pytest.raises(ValueError, match="T_min"):
+            Student(bb.model, LatentConfig(M=3, **bad), eos_id=bb.eos_id, eot_id=bb.eot_id)
