@@ -4,10 +4,11 @@
         --limit 300 --out results/probes/jacobi-passes-s35.json [--merge]
 
 For each run (latent.mode=jacobi), on its task's validation problems: the same weights decode with the latent
-loop run for each T in ``--T`` (the run's own T included), so the student makes 1 + T latent passes instead of
-the 1 + T it was trained with. Accuracy falling below T_train says the later passes carry work; accuracy rising
-above it says the loop is a fixed-point iteration the answer can read further; flat says the passes past the
-first few are idle. Accuracy by number of steps shows whether extra passes help the deeper problems.
+loop run for each T in ``--T`` and the run's own T, so the student makes 1 + T forward passes before answering
+instead of the 1 + T_train it was trained with. Accuracy falling below T_train says the later passes carry work;
+accuracy rising above it says the loop is a fixed-point iteration the answer can read further; flat says the
+passes past the first few are idle. Accuracy by number of steps shows whether extra passes help the deeper
+problems.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def passes(run_dir: str, split: str, limit: int, Ts: list[int]) -> dict:
     trained = student.cfg
     by_T = {}
     try:
-        for T in Ts:
+        for T in sorted(set(Ts) | {trained.T}):  # the trained T always, as the reference
             student.cfg = replace(trained, T=T)
             s = evaluate(student, backbone, cfg, examples)
             by_T[str(T)] = {"accuracy": s["accuracy"], "accuracy_by_steps": s.get("accuracy_by_steps", {}),

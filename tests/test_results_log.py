@@ -241,3 +241,21 @@ def test_step_decode_roles_and_donor_control(tmp_path, monkeypatch):
     assert table["own"]["giver"]["n"] == table["own"]["receiver"]["n"] == steps
     same = module.decode_steps(student, backbone, walk, [examples[0]] * 4, batch_size=4)
     assert same["own"] == same["donor"]
+
+
+def test_jacobi_passes_script_decodes_each_T_and_the_trained_one(tmp_path, monkeypatch):
+    """Each T asked for plus the trained T (2 in the small config), in order; the trained T's row is the run's
+    own evaluation on the same problems, and a T's row does not depend on which other Ts were decoded before."""
+    from kava_lab.evaluate import evaluate
+    from kava_lab.loaders import load_examples
+    from kava_lab.runs import load_run
+
+    run, module = _script_on_a_small_run(tmp_path, monkeypatch, "jacobi_passes")
+    [row] = module.main([str(run), "--limit", "6", "--T", "1", "4", "--out", str(tmp_path / "p.json")])
+    assert row["T_trained"] == 2 and list(row["by_T"]) == ["1", "2", "4"] and row["n"] == 6
+    student, backbone, cfg = load_run(run)
+    own = evaluate(student, backbone, cfg, load_examples(cfg.data.eval, split="val", trace="nl", limit=6))
+    assert row["by_T"]["2"]["accuracy"] == own["accuracy"]
+    assert row["by_T"]["2"]["forward_passes"] == own["forward_passes"]
+    row_passes = module.passes(str(run), "val", 6, [1])
+    assert row_passes["by_T"]["1"]["accuracy"] == row["by_T"]["1"]["accuracy"]
