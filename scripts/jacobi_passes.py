@@ -39,8 +39,7 @@ def passes(run_dir: str, split: str, limit: int, Ts: list[int]) -> dict:
         for T in sorted(set(Ts) | {trained.T}):  # the trained T always, as the reference
             student.cfg = replace(trained, T=T)
             s = evaluate(student, backbone, cfg, examples)
-            by_T[str(T)] = {"accuracy": s["accuracy"], "accuracy_by_steps": s.get("accuracy_by_steps", {}),
-                            "forward_passes": s.get("forward_passes")}
+            by_T[str(T)] = {k: s[k] for k in ("accuracy", "accuracy_by_steps", "forward_passes")}
     finally:
         student.cfg = trained
     return {"run": Path(run_dir).name, "split": split, "n": len(examples), "T_trained": trained.T, "by_T": by_T,
