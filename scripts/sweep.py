@@ -6,7 +6,9 @@
 A plan is a text file with one experiment per line, written as ``scripts/experiment.py``'s arguments
 (``NAME --method M --seed S --set KEY=VALUE ...``, shell quoting); ``#`` starts a comment. Every line is
 checked before anything runs (its flags, and its ``--set`` overrides against the config), so a typo on line
-40 fails in a second, naming the file and line, not after hours of training. A line whose
+40 fails in a second, naming the file and line, not after hours of training. With ``--only``, only the
+selected lines are checked (and names across the plan kept unique), so a line written for newer code does not
+stop older code from running the others. A line whose
 ``results/NAME.json`` already holds every split it asks for is skipped (``--redo`` runs it again), so an
 interrupted sweep is resumed by running the same command: each run also resumes from its own checkpoint.
 
@@ -48,8 +50,12 @@ class Line:
     splits: tuple[str, ...]  # the splits its record must hold to count as done
 
 
-def read_plan(path: Path) -> list[Line]:
-    """Parse and check every line of a plan; raises PlanError naming the file and line of the first bad one."""
+def read_plan(path: Path, only: str | None = None) -> list[Line]:
+    """Parse and check the lines of a plan; raises PlanError naming the file and line of the first bad one.
+
+    With ``only`` (a regular expression), the lines whose NAME (their first word) does not match are not
+    checked beyond their name, and not returned: a plan line that needs newer code (a new setting) does not
+    stop older code from running the other lines. Names stay unique across the whole plan."""
     from experiment import build_parser, run_config  # scripts/experiment.py
 
     from kava_lab.config import apply_overrides
@@ -64,6 +70,11 @@ def read_plan(path: Path) -> list[Line]:
         except ValueError as err:
             raise PlanError(f"{where}: cannot split the line ({err}): {raw!r}") from None
         if not argv:
+            continue
+        if only is not None and not argv[0].startswith("-") and not re.search(only, argv[0]):
+            if argv[0] in names:
+                raise PlanError(f"{where}: run name {argv[0]!r} already used on line {names[argv[0]]}")
+            names[argv[0]] = number
             continue
         for flag in ("--runs", "--results", "--threads"):
             if flag in argv:
@@ -81,9 +92,12 @@ def read_plan(path: Path) -> list[Line]:
             apply_overrides(run_config(args)[0], args.eval_overrides)
         except (ValueError, KeyError, TypeError) as err:
             raise PlanError(f"{where}: {err}") from None
+        if only is not None and not re.search(only, args.name):  # a line that names its run after its flags
+            continue
         lines.append(Line(number, args.name, tuple(argv), ("val", "test") if args.test else ("val",)))
     if not lines:
-        raise PlanError(f"{path}: no experiment lines (only comments or blank lines)")
+        raise PlanError(f"{path}: no experiment lines" + (f" whose name matches {only!r}" if only is not None
+                                                          else " (only comments or blank lines)"))
     return lines
 
 
@@ -125,12 +139,10 @@ def main(argv=None) -> int:
     if args.workers < 1 or args.threads < 1:
         ap.error(f"--workers and --threads must be at least 1 (found {args.workers}, {args.threads})")
     try:
-        lines = read_plan(args.plan)
+        lines = read_plan(args.plan, args.only)
     except (PlanError, OSError) as err:
         print(f"sweep: {err}", file=sys.stderr)
         return 2
-    if args.only:
-        lines = [ln for ln in lines if re.search(args.only, ln.name)]
     todo = [ln for ln in lines if args.redo or not is_done(ln, args.results)]
     for ln in lines:
         state = "run" if ln in todo else "done (recorded)"
