@@ -7,8 +7,10 @@ compression, latent loop, answer pass, backward and optimizer; tokens/s (teacher
 KaVa step over the PCCoT step (the cost of the KV objective). Then, for the KaVa step, each against its
 baseline with steps alternating in one process (machine load hits both alike): the student's prefill on the
 teacher's question columns vs re-encoding the question; length-grouped batches (``optim.group_by_length``)
-vs the plain draw; with ``--compile``, ``optim.compile`` vs eager. Last, evaluation questions/s for cot and
-kava. The backbone is the randomly initialised tiny model (no stage 0 needed): timings do not depend on the
+vs the plain draw; with ``--compile``, ``optim.compile`` vs eager. Then the KaVa step against this CPU: the
+matmuls' FLOPs and time (each shape replayed outside the profiler), what they would take at the rate of one large
+fp32 matmul on the same threads, and the attention kernels' time; what is left is elementwise work, copies,
+autograd and Python. Last, evaluation questions/s for cot and kava. The backbone is the randomly initialised tiny model (no stage 0 needed): timings do not depend on the
 weights, except generation lengths (cot runs to its token budget). Figures are medians over repeated steps.
 """
 
@@ -165,6 +167,55 @@ def bench_grouping(built, steps):
     return statistics.median(on), statistics.median(off)
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def sgemm_peak(n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of one large fp32 matmul ``[n, n] @ [n, n]`` on the current threads: what this CPU can do."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def _replay_seconds(key: str, shapes: list) -> float:
+    """Seconds one call of matmul ``key`` on inputs of ``shapes`` takes outside the profiler (median of 5)."""
+    if key == "aten::addmm":
+        shapes = shapes[1:3]
+    a, b = torch.randn(*shapes[0]), torch.randn(*shapes[1])
+    op = torch.bmm if key == "aten::bmm" else torch.mm
+    op(a, b)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        op(a, b)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_roofline(built, steps: int) -> dict:
+    """Where a KaVa step's time goes against what the CPU can do, per step: the matmuls' FLOPs (torch's profiler
+    counts them from the shapes) and their time, each recorded shape replayed outside the profiler (the
+    profiler's per-op cost would inflate it), and the attention kernels' time under the profiler (few, long
+    calls). The rest of the step is elementwise work, copies, autograd bookkeeping and Python."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, _student, backbone, items, objective, optimizer = built
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+        for i in range(steps):
+            one_step(cfg, backbone, items, objective, optimizer, 1000 + i, defaultdict(float))
+    flops = mm = attention = 0.0
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key in MATMULS:
+            flops += evt.flops
+            mm += evt.count * _replay_seconds(evt.key, evt.input_shapes)
+        elif "scaled_dot_product" in evt.key:
+            attention += evt.self_cpu_time_total / 1e6
+    return {"matmul_flops": flops / steps, "matmul": mm / steps, "attention": attention / steps}
+
+
 def bench_eval(method, task, n):
     from kava_lab.evaluate import evaluate
     from kava_lab.loaders import load_examples
@@ -211,6 +262,13 @@ def main(argv=None):
         on, off, compile_s = bench_compile(args.task, steps)
         print(f"KaVa step with optim.compile: {on:.3f} s; eager: {off:.3f} s; speed-up {off / on:.2f}x after "
               f"{compile_s:.0f} s of warm-up steps (compilation)")
+    r, step_s = bench_roofline(results["kava"][1], steps), results["kava"][0]["total"]
+    peak = sgemm_peak()
+    rest = step_s - r["matmul"] - r["attention"]
+    print(f"KaVa step ({step_s:.3f} s) against this CPU: matmuls {r['matmul_flops'] / 1e9:.1f} GFLOP in "
+          f"{r['matmul']:.3f} s ({r['matmul_flops'] / r['matmul'] / 1e9:.0f} GFLOP/s; one 2048^3 fp32 matmul on "
+          f"these threads: {peak / 1e9:.0f} GFLOP/s, at which they would take {r['matmul_flops'] / peak:.3f} s), "
+          f"attention kernels {r['attention']:.3f} s, the rest (elementwise, copies, autograd, Python) {rest:.3f} s")
     for method in ("cot", "kava") if not args.quick else ("kava",):
         qps, passes = bench_eval(method, args.task, 16 if args.quick else args.eval_n)
         print(f"evaluation {method}: {qps:.1f} questions/s ({passes:.1f} forward passes per question)")
