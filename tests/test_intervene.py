@@ -341,3 +341,17 @@ def test_the_target_oracle_reads_the_teacher_the_run_was_trained_against(backbon
     assert not any(p.requires_grad for p in teacher.parameters())
     state = teacher.state_dict()
     assert state.keys() == start.keys() and all(torch.equal(state[k], start[k]) for k in start)
+
+
+def test_cli_intervene_choices_are_the_modules_interventions_and_oracles(capsys):
+    """The CLI spells its --intervene choices out (building the parser must not import torch); they must stay
+    the module's INTERVENTIONS + ORACLES, or a new intervention is unreachable from the command line."""
+    import re
+
+    from kava_lab.cli import main
+    from kava_lab.intervene import INTERVENTIONS, ORACLES
+
+    with pytest.raises(SystemExit):
+        main(["eval", "some-run", "--intervene", "no-such-kind"])
+    listed = re.search(r"choose from (.*)\)", capsys.readouterr().err).group(1)
+    assert [c.strip(" '") for c in listed.split(",")] == [*INTERVENTIONS, *ORACLES, "all"]
