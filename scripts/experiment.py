@@ -222,6 +222,20 @@ def run_curve(run_dir: Path, previous: dict | None) -> list[dict]:
     return [by_step[s] for s in sorted(by_step) if s <= resumed_at]
 
 
+def _mean_terms(rows: list[dict]) -> dict:
+    """Mean of every loss term (and the gradient norm) over metrics rows; {} for none."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[-1] if k in TERMS + ("grad_norm",)} if rows else {}
+
+
+def terms_by_window(metrics: list[dict], windows: int = 20) -> list[dict]:
+    """The loss terms' means over ``windows`` equal spans of the logged steps, each with its first and last
+    step: the training curve in the record (where a loss sat on a plateau, and when it left it)."""
+    n = len(metrics)
+    spans = [(i * n // windows, (i + 1) * n // windows) for i in range(min(windows, n))]
+    return [{"steps": [metrics[a]["step"], metrics[b - 1]["step"]], **_mean_terms(metrics[a:b])}
+            for a, b in spans]
+
+
 def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: list[str],
            train_minutes: float | None, stage0_minutes: float, curve: list[dict]) -> dict:
     from kava_lab.runs import load_run, read_metrics, stage0_dir, weights_fingerprint
@@ -239,8 +253,7 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
     if train_minutes is None:  # an existing run: its own step times
         train_minutes = sum(r["step_time_s"] for r in metrics) / 60
     tail = metrics[-50:]
-    final_terms = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
-                   if k in TERMS + ("grad_norm",)} if tail else {}
+    final_terms = _mean_terms(tail)
     record = {
         "name": args.name, "why": args.why or previous.get("why", ""), "method": cfg.method,
         "trace": cfg.data.trace, "seed": cfg.seed, "task": cfg.data.train, "overrides": overrides,
@@ -254,7 +267,7 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
         "eval_minutes": round((time.perf_counter() - t1) / 60, 2), "threads": args.threads or torch.get_num_threads(),
         "procs": args.procs,
         "median_step_s": sorted(r["step_time_s"] for r in metrics)[len(metrics) // 2] if metrics else None,
-        "final_terms_last50": final_terms, "curve": curve, "evals": evals, "config": cfg.to_dict(),
+        "final_terms_last50": final_terms, "terms_by_window": terms_by_window(metrics), "curve": curve, "evals": evals, "config": cfg.to_dict(),
         "commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     record_path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")

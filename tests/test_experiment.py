@@ -50,3 +50,18 @@ def test_resumed_run_keeps_its_points_up_to_the_checkpoint(experiment, tmp_path)
     (run / experiment.CURVE_FILE).write_text("".join(json.dumps(p) + "\n" for p in points + [points[0]]))
     assert experiment.run_curve(run, previous) == points[:2]  # step 6 came after the checkpoint: measured again
     assert experiment.run_curve(run, None) == []  # a fresh run starts empty
+
+
+def test_terms_by_window_averages_equal_spans_of_the_logged_steps(experiment):
+    """The record's training curve: 20 spans of the logged rows, each the mean of its terms with its first and
+    last step; fewer rows than windows give one span per row; no rows, no windows."""
+    rows = [{"step": s, "loss": float(s), "teacher_ce": 2.0 * s, "lr": 1.0, "step_time_s": 0.1}
+            for s in range(10, 410, 10)]  # 40 rows logged every 10 steps
+    windows = experiment.terms_by_window(rows)
+    assert len(windows) == 20
+    assert windows[0] == {"steps": [10, 20], "loss": 15.0, "teacher_ce": 30.0}  # lr, step time: not terms
+    assert windows[-1] == {"steps": [390, 400], "loss": 395.0, "teacher_ce": 790.0}
+    assert [w["steps"][0] for w in windows] == list(range(10, 410, 20))
+    assert len(experiment.terms_by_window(rows[:3])) == 3 and experiment.terms_by_window([]) == []
+    uneven = experiment.terms_by_window(rows[:7], windows=3)  # spans of 2, 2, 3 rows
+    assert [w["steps"] for w in uneven] == [[10, 20], [30, 40], [50, 70]]
