@@ -10,8 +10,9 @@ teacher's question columns vs re-encoding the question; length-grouped batches (
 vs the plain draw; with ``--compile``, ``optim.compile`` vs eager. Then the KaVa step against this CPU: the
 matmuls' FLOPs and time (each shape replayed outside the profiler), what they would take at the rate of one large
 fp32 matmul on the same threads, and the attention kernels' time; what is left is elementwise work, copies,
-autograd and Python. Last, evaluation questions/s for cot and kava. The backbone is the randomly initialised tiny model (no stage 0 needed): timings do not depend on the
-weights, except generation lengths (cot runs to its token budget). Figures are medians over repeated steps.
+autograd and Python. Last, evaluation questions/s for cot and kava. The backbone is the randomly initialised
+tiny model (no stage 0 needed): timings do not depend on the weights, except generation lengths (cot runs to
+its token budget). Figures are medians over repeated steps.
 """
 
 from __future__ import annotations

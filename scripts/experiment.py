@@ -267,7 +267,8 @@ def record(args, run_dir: Path, record_path: Path, previous: dict, overrides: li
         "eval_minutes": round((time.perf_counter() - t1) / 60, 2), "threads": args.threads or torch.get_num_threads(),
         "procs": args.procs,
         "median_step_s": sorted(r["step_time_s"] for r in metrics)[len(metrics) // 2] if metrics else None,
-        "final_terms_last50": final_terms, "terms_by_window": terms_by_window(metrics), "curve": curve, "evals": evals, "config": cfg.to_dict(),
+        "final_terms_last50": final_terms, "terms_by_window": terms_by_window(metrics), "curve": curve,
+        "evals": evals, "config": cfg.to_dict(),
         "commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     record_path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
