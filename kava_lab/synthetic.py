@@ -117,6 +117,11 @@ def _next_step(rng: random.Random, v: int, kind: str = "any") -> tuple[str, int,
     return op, b, r
 
 
+# A shuffled-walk fact as the question states it and each CoT step copies it ("Ben gives Anna + 3"): source,
+# target, operator, operand. Kept beside the format it parses (scripts/cot_errors.py reads CoTs with it).
+FACT = re.compile(r"(\w+) gives (\w+) ([-+*/]) (\d+)")
+
+
 def _shuffled_problem(rng: random.Random, n_steps: int) -> tuple[str, list[str], list[str], list[int]]:
     """A chain of ``n_steps + 1`` people, each after the first defined from the one before by one operation
     (additive and multiplicative alternate, so the order matters), stated in a random order. Only words of

@@ -10,7 +10,7 @@ operator with the operand of another fact that has the same operator (a binding 
 fact's operator and operand; the right operator with an operand in no fact; a transfer the question does not
 state; other. Wrong predictions whose written steps all copy their facts fall in "no step copies a fact wrongly"
 (an arithmetic slip, a missing step or the answer step). Also the accuracy on problems where two facts share an
-operator and where none do. Only for traces that copy facts (NL, shuffled).
+operator and where none do. Only for the shuffled walk, whose steps copy their facts in both trace styles.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import sys
 from pathlib import Path
 
-FACT = re.compile(r"(\w+) gives (\w+) ([-+*/]) (\d+)")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kava_lab.synthetic import FACT  # noqa: E402
 KINDS = ("right operator, operand of another fact with it", "another fact's operator and operand",
          "right operator, operand in no fact", "a transfer the question does not state", "other",
          "no step copies a fact wrongly")
